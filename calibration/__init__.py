@@ -1,0 +1,1 @@
+"""CytoEdge calibration package."""

@@ -1,0 +1,1 @@
+"""One module per ``cytoedge`` subcommand (see edge/cli.py)."""

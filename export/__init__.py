@@ -1,0 +1,1 @@
+"""CytoEdge export package."""
