@@ -19,6 +19,7 @@ COMMANDS = [
     "classify",
     "detect",
     "evaluate",
+    "calibrate",
     "train",
     "generate",
 ]

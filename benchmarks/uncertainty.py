@@ -1,0 +1,160 @@
+"""Uncertainty report: calibration, risk-controlled review and abnormal-cell flags, from saved engine outputs.
+
+An accuracy report (nothing is timed). Reads one .npz of engine outputs:
+    classes      str [K]
+    cal_logits   float [N, K], cal_errors float [N, K], cal_anomaly float [N], cal_labels int [N]
+                 (normal cells that neither training nor distillation saw: the calibration split)
+    test_logits, test_errors, test_anomaly, test_labels   (held-out normal cells, same layout)
+and, for each anomaly protocol P (e.g. "loco_erythroblast", "bccd"), abnormal (or shifted) cells:
+    ood_P_anomaly [M] (required), ood_P_errors [M, K'], ood_P_logits [M, K']
+    ood_P_normal_anomaly / ood_P_normal_errors: normal test cells scored by the same engine (default: the
+        test split; give them when P used another engine, e.g. one trained without a class)
+    ood_P_cal_anomaly / ood_P_cal_errors: normal calibration cells of that engine (default: the cal split)
+Prints: ECE before/after temperature scaling, coverage and error among accepted at alpha in {0.5, 1, 2, 5}%
+(threshold fitted on the cal split by Learn then Test, measured on the test split), AURC, and for each
+protocol the AUROC of every candidate anomaly score and its detection rate at the false-alarm threshold.
+Writes uncertainty.json and PNGs (reliability, risk-coverage, anomaly histograms) into --out.
+
+    python benchmarks/uncertainty.py OUTPUTS.npz --out reports/uncertainty [--delta 0.1] [--false-alarm 0.02]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, auroc, conformal_threshold, fit_best_error_stats,
+                                 score_histograms)
+from calibration.fit import fit_calibration
+from calibration.risk import aurc, ltt_threshold, plot_risk_coverage
+from calibration.temperature import expected_calibration_error, fit_temperature, nll, reliability_diagram, softmax
+from edge.errors import CalibrationError
+from edge.postprocess import decide
+
+ALPHAS = (0.005, 0.01, 0.02, 0.05)
+SUFFIXES = ("_normal_anomaly", "_normal_errors", "_cal_anomaly", "_cal_errors", "_anomaly", "_errors", "_logits")
+
+
+def protocols(data) -> dict[str, dict[str, np.ndarray]]:
+    """{P: {"anomaly": ..., "errors": ..., "normal_anomaly": ..., ...}} from the ood_P_* arrays."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key in data.files:
+        if key.startswith("ood_"):
+            suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+            if suffix is not None:
+                out.setdefault(key[4:-len(suffix)], {})[suffix[1:]] = data[key]
+    return {name: arrays for name, arrays in sorted(out.items()) if "anomaly" in arrays}
+
+
+def selective(cal_conf, cal_correct, test_conf, test_correct, alpha: float, delta: float) -> dict:
+    """Learn-then-Test threshold on the cal split, applied to the test split."""
+    try:
+        rt = ltt_threshold(cal_conf, cal_correct, alpha, delta)
+    except CalibrationError as exc:
+        return {"alpha": alpha, "refused": str(exc)}
+    if not np.isfinite(rt.threshold):
+        return {"alpha": alpha, "refused": "no threshold certified: the most confident cells hold too many errors"}
+    acc = test_conf >= rt.threshold
+    return {"alpha": alpha, "threshold": rt.threshold, "cal_coverage": rt.coverage, "cal_risk": rt.risk,
+            "test_coverage": float(acc.mean()), "test_n_accepted": int(acc.sum()),
+            "test_risk": float((~test_correct[acc]).mean()) if acc.any() else 0.0}
+
+
+def anomaly_protocol(name: str, p: dict, d, false_alarm: float, calibration: dict | None, classes, out: Path) -> dict:
+    """AUROC and detection rate at the false-alarm threshold of every score available for protocol ``name``."""
+    normal_a = p.get("normal_anomaly", d["test_anomaly"])
+    normal_e = p.get("normal_errors", d["test_errors"] if "normal_anomaly" not in p else None)
+    cal_a = p.get("cal_anomaly", d["cal_anomaly"])
+    cal_e = p.get("cal_errors", d["cal_errors"] if "cal_anomaly" not in p else None)
+    have_errors = "errors" in p and normal_e is not None and cal_e is not None
+    stats = fit_best_error_stats(cal_e) if have_errors else None
+    score = lambda e, a: anomaly_scores(e, a, stats) if have_errors else {"engine": np.asarray(a, np.float64)}  # noqa: E731
+    cal_s, norm_s, ood_s = score(cal_e, cal_a), score(normal_e, normal_a), score(p.get("errors"), p["anomaly"])
+    res: dict = {"n_normal": len(normal_a), "n_abnormal": len(p["anomaly"]), "scores": {}}
+    for s in ood_s:
+        thr = conformal_threshold(cal_s[s], false_alarm)
+        res["scores"][s] = {"auroc": auroc(norm_s[s], ood_s[s]), "threshold": thr,
+                            "detection_rate": float((ood_s[s] >= thr).mean()),
+                            "test_false_alarm": float((norm_s[s] >= thr).mean())}
+        score_histograms(norm_s[s], {name: ood_s[s]}, out / f"anomaly_{name}_{s}.png", thr, title=f"{name}: {s}")
+    if calibration is not None and "logits" in p and "errors" in p and p["logits"].shape[1] == len(classes):
+        states = [c.state for c in decide({"logits": p["logits"], "errors": p["errors"], "anomaly": p["anomaly"]},
+                                          classes, calibration)]
+        res["states_with_shipped_calibration"] = {s: states.count(s) / len(states) for s in ("accepted", "review", "abnormal")}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("npz", help="engine outputs (see the module docstring for the arrays)")
+    ap.add_argument("--out", required=True, help="folder for uncertainty.json and the PNGs")
+    ap.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the risk bound (default 0.1)")
+    ap.add_argument("--false-alarm", type=float, default=0.02, help="false-alarm rate on normal cells (default 0.02)")
+    ap.add_argument("--anomaly-score", default="engine", choices=ANOMALY_SCORES,
+                    help="anomaly score of the full calibration (alpha 1%%) applied to the test split (default engine)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = np.load(args.npz, allow_pickle=False)
+    classes = [str(c) for c in d["classes"]]
+    yc, yt = d["cal_labels"].astype(np.int64), d["test_labels"].astype(np.int64)
+
+    t = fit_temperature(d["cal_logits"], yc)
+    pc, pt0, pt1 = softmax(d["cal_logits"], t), softmax(d["test_logits"]), softmax(d["test_logits"], t)
+    cal_conf, cal_ok = pc.max(1), pc.argmax(1) == yc
+    conf, ok = pt1.max(1), pt1.argmax(1) == yt
+    report: dict = {
+        "n_cal": len(yc), "n_test": len(yt), "classes": classes, "temperature": t,
+        "test_accuracy": float(ok.mean()),
+        "test_ece_before": expected_calibration_error(pt0, yt), "test_ece_after": expected_calibration_error(pt1, yt),
+        "test_nll_before": nll(d["test_logits"], yt), "test_nll_after": nll(d["test_logits"], yt, t),
+        "test_aurc": aurc(conf, ok), "delta": args.delta, "false_alarm": args.false_alarm,
+        "selective": [selective(cal_conf, cal_ok, conf, ok, a, args.delta) for a in ALPHAS],
+    }
+    reliability_diagram({"before": pt0, "after": pt1}, yt, out / "reliability.png", title=f"Test split, T={t:.2f}")
+    marks = {f"alpha {100 * s['alpha']:g}%": (s["test_coverage"], s["test_risk"]) for s in report["selective"] if "threshold" in s}
+    plot_risk_coverage(conf, ok, out / "risk_coverage.png", marks, title="Test split (calibrated confidence)")
+
+    try:
+        calibration = fit_calibration(d["cal_logits"], d["cal_errors"], d["cal_anomaly"], yc, classes,
+                                      delta=args.delta, false_alarm=args.false_alarm, anomaly_score=args.anomaly_score)
+        states = [c.state for c in decide({k: d[f"test_{k}"] for k in ("logits", "errors", "anomaly")}, classes, calibration)]
+        acc = np.array([s == "accepted" for s in states])
+        report["shipped_calibration"] = {
+            "review_threshold": calibration["review_threshold"], "anomaly_threshold": calibration["anomaly_threshold"],
+            "test_states": {s: states.count(s) / len(states) for s in ("accepted", "review", "abnormal")},
+            "test_error_among_accepted": float((~ok[acc]).mean()) if acc.any() else 0.0}
+    except CalibrationError as exc:
+        calibration, report["shipped_calibration"] = None, {"refused": str(exc)}
+    report["anomaly"] = {name: anomaly_protocol(name, p, d, args.false_alarm, calibration, classes, out)
+                         for name, p in protocols(d).items()}
+    (out / "uncertainty.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+
+    print(f"cells: cal {len(yc)}, test {len(yt)}; test accuracy {100 * report['test_accuracy']:.2f}%; temperature {t:.3f}")
+    print(f"ECE (15 bins) on test: {100 * report['test_ece_before']:.2f}% before, {100 * report['test_ece_after']:.2f}% after; "
+          f"NLL {report['test_nll_before']:.4f} -> {report['test_nll_after']:.4f} nats; AURC {100 * report['test_aurc']:.3f}%")
+    print(f"\n{'alpha':>7} {'threshold':>10} {'coverage':>9} {'error':>7}   (bound holds with prob {1 - args.delta:g}; test split)")
+    for s in report["selective"]:
+        if "refused" in s:
+            print(f"{100 * s['alpha']:6.1f}%  refused: {s['refused']}")
+        else:
+            print(f"{100 * s['alpha']:6.1f}% {s['threshold']:10.6f} {100 * s['test_coverage']:8.2f}% {100 * s['test_risk']:6.2f}%")
+    sc = report["shipped_calibration"]
+    print(f"\nfull calibration (alpha 1%, {args.anomaly_score}): " + (sc["refused"] if "refused" in sc else
+          ", ".join(f"{k} {100 * v:.1f}%" for k, v in sc["test_states"].items()) +
+          f"; error among accepted {100 * sc['test_error_among_accepted']:.2f}%"))
+    for name, r in report["anomaly"].items():
+        print(f"\nanomaly protocol {name}: {r['n_abnormal']} abnormal vs {r['n_normal']} normal cells")
+        print(f"  {'score':>10} {'AUROC':>7} {'detected':>9} {'false alarm':>12}   (threshold at {100 * args.false_alarm:g}% on cal)")
+        for s, v in r["scores"].items():
+            print(f"  {s:>10} {v['auroc']:7.4f} {100 * v['detection_rate']:8.1f}% {100 * v['test_false_alarm']:11.2f}%")
+        if "states_with_shipped_calibration" in r:
+            print("  with the full calibration: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["states_with_shipped_calibration"].items()))
+    print(f"\nwrote {out / 'uncertainty.json'} and PNGs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
