@@ -18,10 +18,16 @@ from edge.errors import CytoEdgeError
 COMMANDS = [
     "classify",
     "detect",
+    "camera",
+    "daemon",
+    "monitor",
+    "demo",
     "evaluate",
     "calibrate",
     "train",
+    "distill",
     "generate",
+    "export",
 ]
 
 

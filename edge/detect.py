@@ -59,6 +59,21 @@ class Detection:
         return {"box": list(self.box), "score": round(self.score, 4), "edge": self.edge}
 
 
+def shrink(rgb: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Resize down to (w, h) px cheaply: exact halvings by pixel averaging, then linear for the last < 2x
+    (OpenCV's area filter is 10x slower at non-integer ratios and buys nothing visible here)."""
+    ih, iw = rgb.shape[:2]
+    if (iw, ih) == (w, h):
+        return rgb
+    if iw < w or ih < h:
+        return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    while iw // 2 >= w and ih // 2 >= h:
+        rgb = cv2.resize(rgb, (iw // 2, ih // 2), interpolation=cv2.INTER_AREA) if iw % 2 == 0 and ih % 2 == 0 \
+            else cv2.pyrDown(rgb)
+        ih, iw = rgb.shape[:2]
+    return rgb if (iw, ih) == (w, h) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 # ---- scale ----
 
 def _work_grey(rgb: np.ndarray, f: float) -> np.ndarray:
@@ -153,8 +168,9 @@ def white_balance(rgb: np.ndarray) -> np.ndarray:
     slide, so its colour is the lamp's and the camera's; dividing it out makes the stain cue (B - G)
     independent of lamp colour and white balance. The background's brightness is kept.
     """
-    grey = rgb.mean(axis=2)
-    bright = rgb[grey >= np.percentile(grey, 90)].astype(np.float32)
+    sample = rgb[::2, ::2].reshape(-1, 3)
+    grey = sample.sum(axis=1, dtype=np.int32)
+    bright = sample[grey >= np.percentile(grey, 90)].astype(np.float32)
     ref = np.median(bright, axis=0)
     if ref.min() < 1:
         return rgb
@@ -238,7 +254,7 @@ def detect_cells(rgb: np.ndarray, um_per_px: float | None = None, config: Detect
     f = config.work_rbc_px / (RBC_DIAMETER_UM * px_per_um)  # work px per original px
     f = min(f, 2.0, config.max_work_side / max(h, w))
     sw, sh = max(1, round(w * f)), max(1, round(h * f))
-    small = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    small = shrink(rgb, sw, sh)
     fx, fy = sw / w, sh / h
     wpu = px_per_um * f  # work px per um
 

@@ -16,13 +16,14 @@ from export.models import AutoEncoder, ModelConfig, build_scheduler, build_unet,
 
 @dataclass
 class Teacher:
-    """cfg: architecture; ae, unet: eval-mode modules (float32); latent_scale: z = encode(x) * latent_scale;
+    """cfg: architecture; ae, unet: eval-mode modules (float32); latent_scale: float32 [1, C, 1, 1],
+    z = encode(x) * latent_scale (per-channel whitening);
     abar: float32 [T] cumulative alpha products of the DDPM schedule; mask: float32 [1, 1, s, s] error disc."""
 
     cfg: ModelConfig
     ae: AutoEncoder
     unet: torch.nn.Module
-    latent_scale: float
+    latent_scale: torch.Tensor
     abar: torch.Tensor
     mask: torch.Tensor
     meta: dict
@@ -77,5 +78,5 @@ def load_teacher(folder: str | Path, name: str = "teacher") -> Teacher:
     ae.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
     abar = build_scheduler(cfg).alphas_cumprod.float()
-    return Teacher(cfg=cfg, ae=ae, unet=unet, latent_scale=float(meta["latent_scale"]), abar=abar,
+    return Teacher(cfg=cfg, ae=ae, unet=unet, latent_scale=torch.tensor(meta["latent_scale"], dtype=torch.float32).view(1, -1, 1, 1), abar=abar,
                    mask=disc_mask(cfg), meta=meta)

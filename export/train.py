@@ -3,7 +3,7 @@
 Reads the preprocessed crop cache (export.datasets.build_crop_cache), splits it (train / val / cal,
 stratified, seeded; the split is saved with the run), and checkpoints often so that a run stopped by the
 wall-clock budget or killed resumes where it left off. Output: ``<run>/teacher.safetensors`` (fp16, EMA
-weights) and ``<run>/teacher.json`` (ModelConfig, latent scale, split and training summary).
+weights) and ``<run>/teacher.json`` (ModelConfig, per-channel latent scale, split and training summary).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (after a checkpoint) when this wall-clock budget is spent; 0 = no limit
     bf16: bool = True
     threads: int = 2
+    unet_channels: tuple[int, ...] = (32, 64, 128)  # denoiser width per level (tests use a tiny one)
 
 
 def load_cache(path: str | Path) -> dict[str, np.ndarray]:
@@ -91,7 +92,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1 - decay)
 
 
-def save_teacher(run: Path, mcfg: ModelConfig, ae, unet, latent_scale: float, meta: dict) -> None:
+def save_teacher(run: Path, mcfg: ModelConfig, ae, unet, latent_scale: list[float], meta: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"ae.{k}": v.detach().half().contiguous() for k, v in ae.state_dict().items()}
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     classes = tuple(str(c) for c in data["classes"])
     splits = make_splits(data["labels"], cfg)
     np.savez(run / "splits.npz", **splits, digest=data["digest"])
-    mcfg = ModelConfig(classes=classes, crop_size=int(data["crops"].shape[1]))
+    mcfg = ModelConfig(classes=classes, crop_size=int(data["crops"].shape[1]), unet_channels=tuple(cfg.unet_channels))
     ae, unet = AutoEncoder(mcfg), build_unet(mcfg)
     ema = build_unet(mcfg)
     ema.load_state_dict(unet.state_dict())
@@ -150,9 +151,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if state["latent_scale"] is None:
         with torch.no_grad():
             z = torch.cat([ae.encode(batches.next()[0]) for _ in range(16)])
-        state["latent_scale"] = float(1.0 / z.std())
+        # Per-channel whitening: PCA channels range over 15x in std; unit variance per channel is what DDPM assumes.
+        state["latent_scale"] = (1.0 / z.std(dim=(0, 2, 3))).tolist()
         checkpoint()
-    scale = state["latent_scale"]
+    scale = torch.tensor(state["latent_scale"]).view(1, -1, 1, 1)
     sched = build_scheduler(mcfg)
     abar = sched.alphas_cumprod.float()
 
@@ -177,14 +179,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         _ema_update(ema, unet, min(cfg.ema_decay, (1 + state["step"]) / (10 + state["step"])))
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         bar.update(1); bar.set_postfix(loss=f"{run_loss:.4f}")
-        if state["step"] % 100 == 0:
+        if state["step"] % 10 == 0:
             state["losses"].append((state["step"], run_loss))
         if state["step"] % cfg.ckpt_every == 0:
             checkpoint()
-            save_teacher(run, mcfg, ae, ema, scale, {"steps": state["step"], "ae": "pca"})
+            save_teacher(run, mcfg, ae, ema, state["latent_scale"], {"steps": state["step"], "ae": "pca"})
     bar.close()
     checkpoint()
-    save_teacher(run, mcfg, ae, ema, scale, {"steps": state["step"], "ae": "pca",
+    save_teacher(run, mcfg, ae, ema, state["latent_scale"], {"steps": state["step"], "ae": "pca",
                                              "train_config": asdict(cfg), "dataset_digest": str(data["digest"]),
                                              "n_train": int(len(splits["train"]))})
     return run

@@ -50,7 +50,8 @@ def test_stage_shift_by_phase_correlation(slide, move):
 
 def test_each_cell_gets_one_track_while_the_stage_moves(slide):
     big, wbcs = slide
-    # Scan right, then down, then left: steps of 20-70 px per frame, as a hand on the stage would.
+    # Scan right, then down, then back left over cells seen before: steps of 20-70 px per frame, as a hand
+    # on the stage would; a cell that leaves the field and comes back keeps its id.
     steps = [(45, 0)] * 10 + [(70, 10)] * 4 + [(0, 40)] * 8 + [(-60, 5)] * 10 + [(-20, 30)] * 5
     tracker = Tracker()
     seen: dict[int, set[int]] = {}
@@ -80,3 +81,28 @@ def test_tracks_end_when_cells_leave_and_ids_continue(slide):
         tracker.update(far, detect_cells(far, um_per_px=1 / PX_PER_UM))
     assert not ids1 & {t.id for t in tracker.tracks}
     assert tracker.next_id > max(ids1)
+
+
+def test_a_cell_seen_again_after_leaving_keeps_its_id(slide):
+    big, _ = slide
+    tracker = Tracker()
+    path = [(x, 200) for x in range(300, 900, 50)] + [(x, 200) for x in range(900, 250, -50)]
+    first_ids: dict[int, int] = {}  # rounded slide x of a cell -> id
+    for x0, y0 in path:
+        frame = big[y0:y0 + 480, x0:x0 + 640]
+        for track, det in tracker.update(frame, detect_cells(frame, um_per_px=1 / PX_PER_UM)):
+            key = int(round((det.nucleus[0] + x0) / 100))
+            assert first_ids.setdefault(key, track.id) == track.id
+    assert len(set(first_ids.values())) == len(first_ids) >= 3
+
+
+def test_unrelated_fields_are_a_cut(slide):
+    big, _ = slide
+    tracker = Tracker()
+    a, b = big[0:480, 0:640], big[520:1000, 960:1600]
+    ids_a = {t.id for t, _ in tracker.update(a, detect_cells(a, um_per_px=1 / PX_PER_UM))}
+    tracker.update(b, detect_cells(b, um_per_px=1 / PX_PER_UM))
+    assert tracker.cut
+    # Back to the first field after a cut: the slide position is lost, so its cells are new tracks.
+    ids_again = {t.id for t, _ in tracker.update(a, detect_cells(a, um_per_px=1 / PX_PER_UM))}
+    assert tracker.cut and ids_a and not ids_a & ids_again

@@ -1,0 +1,92 @@
+"""ONNX Runtime backend (CPUExecutionProvider): runs a bundle's engine ONNX at one precision.
+
+The graph's input and outputs are checked against the bundle's manifest when the session opens (a mismatch is
+a BundleError naming the file); batches of any size are split into chunks of at most ``max_batch`` cells.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edge.backends import OUTPUTS, check_cells
+from edge.errors import BackendError, BundleError
+
+_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
+
+
+def _check_io(session, bundle, path) -> None:
+    """Refuse a graph whose I/O does not match the manifest: cells uint8 [N, 3, S, S] -> logits, errors
+    float32 [N, K], anomaly float32 [N]. Symbolic dims are accepted where the batch goes."""
+    spec = bundle.manifest["input"]
+    k, s = len(bundle.classes), bundle.crop_size
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != spec.get("name", "cells"):
+        raise BundleError(f"{path}: engine inputs {[i.name for i in inputs]} do not match the manifest's "
+                          f"single input {spec.get('name', 'cells')!r}")
+    inp = inputs[0]
+    if _ORT_TYPES.get(inp.type) != spec.get("dtype", "uint8"):
+        raise BundleError(f"{path}: engine input {inp.name!r} is {inp.type}, the manifest says {spec.get('dtype')}")
+    if len(inp.shape) != 4 or list(inp.shape[1:]) != [3, s, s]:
+        raise BundleError(f"{path}: engine input {inp.name!r} has shape {inp.shape}, the manifest says [N, 3, {s}, {s}]")
+    outs = {o.name: o for o in session.get_outputs()}
+    if sorted(outs) != sorted(OUTPUTS):
+        raise BundleError(f"{path}: engine outputs {sorted(outs)} are not {list(OUTPUTS)}")
+    for name, rank in (("logits", 2), ("errors", 2), ("anomaly", 1)):
+        o = outs[name]
+        if o.type != "tensor(float)" or len(o.shape) != rank or (rank == 2 and isinstance(o.shape[1], int) and o.shape[1] != k):
+            raise BundleError(f"{path}: engine output {name!r} is {o.type} {o.shape}, expected float32 "
+                              f"{'[N, %d]' % k if rank == 2 else '[N]'}")
+
+
+class OrtBackend:
+    """name "onnxruntime"; precision: the engine run; evals_per_cell from the manifest.
+
+    intra_op_num_threads: 0 = ONNX Runtime's default (one per core); max_batch: cells per session.run call.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle, precision: str | None = None, intra_op_num_threads: int = 0, max_batch: int = 32):
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.precision = precision or bundle.precision
+        self.evals_per_cell = bundle.evals_per_cell
+        if max_batch < 1:
+            raise BackendError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = int(max_batch)
+        path = bundle.engine_path(self.precision)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(intra_op_num_threads)
+        opts.inter_op_num_threads = 1  # one graph, run sequentially: parallelism is inside the ops
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BackendError(f"{path}: ONNX Runtime cannot open the {self.precision} engine: {exc}") from exc
+        _check_io(self.session, bundle, path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def infer(self, cells: np.ndarray) -> dict[str, np.ndarray]:
+        """cells uint8 [N, 3, S, S] RGB, N >= 1 -> {"logits" [N, K], "errors" [N, K], "anomaly" [N]} float32."""
+        cells = check_cells(cells, self.bundle.crop_size)
+        parts = []
+        for i in range(0, len(cells), self.max_batch):
+            chunk = cells[i:i + self.max_batch]
+            try:
+                out = self.session.run(list(OUTPUTS), {self.input_name: chunk})
+            except Exception as exc:  # onnxruntime's own runtime errors
+                raise BackendError(f"onnxruntime {self.precision} inference failed: {exc}") from exc
+            parts.append(out)
+        res = {name: np.ascontiguousarray(np.concatenate([p[j] for p in parts]), dtype=np.float32)
+               for j, name in enumerate(OUTPUTS)}
+        n, k = len(cells), len(self.bundle.classes)
+        if res["logits"].shape != (n, k) or res["errors"].shape != (n, k) or res["anomaly"].shape != (n,):
+            raise BackendError(f"engine returned logits {res['logits'].shape}, errors {res['errors'].shape}, "
+                               f"anomaly {res['anomaly'].shape} for {n} cells of {k} classes")
+        return res
+
+
+def load(bundle, precision: str | None = None, **options) -> OrtBackend:
+    return OrtBackend(bundle, precision, **options)

@@ -1,0 +1,205 @@
+"""Load and verify a model bundle (contract 4): a folder with ``manifest.json`` and the files it names.
+
+Loading refuses, with a BundleError naming the problem, a missing or unparsable manifest, a manifest from a
+newer (or unknown) format, a missing file, a file whose size or sha256 differs from the manifest, an engine or
+calibration that the manifest names but does not hash, and a calibration for other classes. The ONNX graph's
+inputs and outputs are checked against the manifest by the backend when it opens the engine.
+
+No torch here: this runs on the box.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.errors import BundleError, CalibrationError
+
+FORMAT = 1  # the manifest format this runtime reads and writes
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+_REQUIRED = ("format", "name", "classes", "input", "timesteps", "noise_seed", "evals_per_cell", "precision",
+             "engines", "files")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle. root: folder; manifest: parsed manifest.json; classes: K class names; crop_size: input
+    side S in px; evals_per_cell: denoiser evaluations per cell; calibration: parsed calibration.json or None;
+    bundle_id: 12 hex chars identifying the exact files; engines: precision -> ONNX file name; precision: the
+    default precision; timesteps: the fixed timesteps; noise_seed: seed of the fixed noise."""
+
+    root: Path
+    manifest: dict
+    classes: list[str]
+    crop_size: int
+    evals_per_cell: int
+    calibration: dict | None
+    bundle_id: str
+    engines: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
+    timesteps: list[int] = field(default_factory=list)
+    noise_seed: int = 0
+
+    def engine_path(self, precision: str | None = None) -> Path:
+        """Path of the ONNX engine for ``precision`` (None = the bundle's default); BundleError if absent."""
+        precision = precision or self.precision
+        if precision not in self.engines:
+            have = ", ".join(sorted(self.engines)) or "none"
+            raise BundleError(f"{self.root}: bundle has no {precision} engine (it has: {have})")
+        return self.root / self.engines[precision]
+
+
+def default_bundle_dir() -> Path:
+    """The bundle shipped inside the package: edge/models/default."""
+    return Path(__file__).resolve().parent / "models" / "default"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compute_bundle_id(files: dict) -> str:
+    """First 12 hex of sha256 over the "name sha256" lines of every file, sorted by name."""
+    lines = "".join(f"{name} {files[name]['sha256']}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()[:12]
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle folder not found")
+    if not path.is_file():
+        raise BundleError(f"{path}: manifest missing (not a model bundle)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: manifest must be a JSON object")
+    fmt = manifest.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise BundleError(f"{path}: manifest has no integer 'format' (this runtime reads format {FORMAT})")
+    if fmt > FORMAT:
+        raise BundleError(f"{path}: bundle format {fmt} is newer than this runtime supports (format {FORMAT}); "
+                          f"upgrade cytoedge")
+    if fmt != FORMAT:
+        raise BundleError(f"{path}: bundle format {fmt} is not supported (this runtime reads format {FORMAT})")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def _check_file(root: Path, name: str, entry: dict) -> None:
+    path = root / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise BundleError(f"{root / MANIFEST}: file name {name!r} must be relative to the bundle")
+    if not path.is_file():
+        raise BundleError(f"{path}: file listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise BundleError(f"{path}: {size} bytes, the manifest says {entry.get('bytes')} (altered or truncated)")
+    digest = file_sha256(path)
+    if digest != entry.get("sha256"):
+        raise BundleError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                          f"{str(entry.get('sha256'))[:12]}... (the file was altered)")
+
+
+def load_bundle(path: str | Path | None = None) -> Bundle:
+    """Verify and load the bundle at ``path`` (None = the default bundle shipped in the package)."""
+    root = Path(path) if path is not None else default_bundle_dir()
+    m = _read_manifest(root)
+    files = m["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{root / MANIFEST}: 'files' must map file names to {{sha256, bytes}}")
+    for name, entry in files.items():
+        _check_file(root, name, entry if isinstance(entry, dict) else {})
+    engines = m["engines"]
+    if not isinstance(engines, dict) or not engines:
+        raise BundleError(f"{root / MANIFEST}: 'engines' must name at least one engine file")
+    for prec, name in engines.items():
+        if prec not in PRECISIONS:
+            raise BundleError(f"{root / MANIFEST}: unknown engine precision {prec!r} (known: {', '.join(PRECISIONS)})")
+        if name not in files:
+            raise BundleError(f"{root / MANIFEST}: engine {name} is not hashed in 'files'")
+    if m["precision"] not in engines:
+        raise BundleError(f"{root / MANIFEST}: default precision {m['precision']!r} has no engine "
+                          f"(engines: {', '.join(engines)})")
+    classes = m["classes"]
+    if not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes):
+        raise BundleError(f"{root / MANIFEST}: 'classes' must be a list of at least 2 distinct names")
+    try:
+        crop = int(m["input"]["size"])
+        evals = int(m["evals_per_cell"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{root / MANIFEST}: bad input spec or evals_per_cell ({exc})") from exc
+
+    bundle_id = compute_bundle_id(files)
+    if m.get("bundle_id", bundle_id) != bundle_id:
+        raise BundleError(f"{root / MANIFEST}: bundle_id {m['bundle_id']} does not match its file hashes ({bundle_id}); "
+                          f"the manifest was edited by hand")
+
+    calibration = None
+    cal_name = m.get("calibration")
+    if cal_name:
+        if cal_name not in files:
+            raise BundleError(f"{root / MANIFEST}: calibration {cal_name} is not hashed in 'files'")
+        try:
+            calibration = json.loads((root / cal_name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{root / cal_name}: not valid JSON ({exc})") from exc
+        from calibration.fit import check_calibration
+
+        try:
+            check_calibration(calibration, classes)
+        except CalibrationError as exc:
+            raise BundleError(f"{root / cal_name}: {exc}") from exc
+
+    return Bundle(root=root, manifest=m, classes=list(classes), crop_size=crop, evals_per_cell=evals,
+                  calibration=calibration, bundle_id=bundle_id, engines=dict(engines),
+                  precision=m["precision"], timesteps=[int(t) for t in m["timesteps"]],
+                  noise_seed=int(m["noise_seed"]))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def update_bundle_file(bundle_dir: str | Path, name: str, data: bytes) -> str:
+    """Replace (or add) the file ``name`` in a bundle with ``data``, atomically, and record its size and sha256
+    and the new bundle_id in manifest.json (also written atomically). Other files are not re-hashed, so an
+    altered file elsewhere still fails the next load. Adding "calibration.json" makes it the bundle's
+    calibration. Returns the new bundle_id."""
+    root = Path(bundle_dir)
+    m = _read_manifest(root)
+    if Path(name).is_absolute() or ".." in Path(name).parts or Path(name).name == MANIFEST:
+        raise BundleError(f"{root}: cannot update {name!r} (must be a file name inside the bundle, not the manifest)")
+    target = root / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(target, data)
+    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    if name == "calibration.json" and not m.get("calibration"):
+        m["calibration"] = name
+    m["bundle_id"] = compute_bundle_id(m["files"])
+    _atomic_write(root / MANIFEST, (json.dumps(m, indent=2) + "\n").encode())
+    return m["bundle_id"]

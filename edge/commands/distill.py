@@ -1,0 +1,32 @@
+"""``cytoedge distill``: distill the teacher to a few fixed timesteps (needs the export extra)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+def register(sub) -> None:
+    p = sub.add_parser("distill", help="distill the teacher into a few-timestep student (the engine's denoiser)",
+                       description="Compute the teacher's full diffusion classification of validation cells and of a "
+                       "sample of training cells, search fixed timesteps and a noise seed for agreement with it, then "
+                       "fine-tune a student denoiser so the engine's class errors match the teacher's (KL + denoising "
+                       "loss). Every stage is cached in --run-dir and resumes. Needs the 'export' extra.")
+    p.add_argument("--config", help="TOML file with DistillConfig keys (CLI options override it)")
+    p.add_argument("--teacher-dir", help="folder with teacher.safetensors, teacher.json, splits.npz (default runs/teacher)")
+    p.add_argument("--run-dir", help="output / resume folder (default runs/student)")
+    p.add_argument("--cache", help="crop cache .npz (default runs/cache/pbc64.npz)")
+    p.add_argument("--n-timesteps", type=int, help="fixed timesteps (evaluations per cell = classes x this; default 2)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps (default 300)")
+    p.add_argument("--max-minutes", type=float, help="stop fine-tuning after this budget (resumable)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from edge.config import load_config
+    from export.distill import DistillConfig, distill
+
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(DistillConfig)}
+    cfg = load_config(DistillConfig, args.config, overrides)
+    out = distill(cfg)
+    print((out / "distill.json").read_text())
+    return 0

@@ -1,0 +1,312 @@
+"""``cytoedge export onnx|int8|bundle|tensorrt``: build the engine's ONNX graphs, quantize them, write a model
+bundle, build TensorRT plans into a bundle (``tensorrt`` runs on the GPU box and needs no torch).
+
+Needs the 'export' extra (torch is imported inside ``run``). One process config, ExportConfig (TOML via
+--config, CLI options override it). Progress goes to stderr; the result (a path) to stdout.
+Actions are registered in ACTIONS; a new one (e.g. ``tensorrt``) adds a ``_add_<action>`` function there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    teacher: str = "runs/teacher"  # teacher.safetensors + teacher.json (+ splits.npz)
+    student: str = ""  # student.safetensors + distill.json; "" = use the teacher's own denoiser
+    timesteps: tuple[int, ...] = ()  # () = the student's (distill.json); required without a student
+    noise_seed: int = -1  # -1 = the student's
+    weights: tuple[float, ...] = ()  # per-timestep weights; () = uniform
+    cache: str = "runs/cache/pbc64.npz"  # crop cache: crops uint8 [N, S, S, 3], labels, classes, digest
+    splits: str = ""  # "" = <teacher>/splits.npz (train / val / cal indices into the cache)
+    calib_cells: int = 256  # INT8 calibration set: stratified sample of the training split
+    calib_seed: int = 0
+    int8_preset: str = "tail+ends"  # which nodes stay float (export.quantize.EXCLUDE_PRESETS)
+    precisions: tuple[str, ...] = ("fp32", "int8", "fp16")
+    default_precision: str = "fp32"  # what the runtime runs when no precision is named
+    calibrate: bool = True  # fit calibration.json on the cache's held-out 'cal' split with the shipped engine
+    alpha: float = 0.01  # calibration: error bound among accepted cells
+    delta: float = 0.1
+    false_alarm: float = 0.02
+    anomaly_score: str = "engine"
+    ship_teacher: bool = True  # put teacher.safetensors + teacher.json in the bundle (for --teacher)
+    name: str = "cytoedge-pbc"
+    threads: int = 2
+
+
+def _say(msg: str) -> None:
+    print(f"cytoedge export: {msg}", file=sys.stderr, flush=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with ExportConfig keys (CLI options override it)")
+    p.add_argument("--teacher", help="teacher folder (default runs/teacher)")
+    p.add_argument("--student", help="distilled student folder (student.safetensors + distill.json); "
+                   "without it the engine uses the teacher's denoiser and needs --timesteps and --noise-seed")
+    p.add_argument("--timesteps", type=lambda s: tuple(int(v) for v in s.split(",")), metavar="T1,T2,...",
+                   help="fixed timesteps (default: the student's)")
+    p.add_argument("--noise-seed", type=int, help="seed of the fixed noise (default: the student's)")
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime CPU threads (default 2)")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", help="crop cache .npz (default runs/cache/pbc64.npz)")
+    p.add_argument("--splits", help="splits .npz with train/val/cal indices (default <teacher>/splits.npz)")
+    p.add_argument("--calib-cells", type=int, help="INT8 calibration cells from the training split (default 256)")
+    p.add_argument("--int8-preset", help="nodes kept in float: tail, tail+out or tail+ends (default tail+ends)")
+
+
+def _add_onnx(sub) -> None:
+    p = sub.add_parser("onnx", help="export the fused engine to one ONNX graph (fp32 or fp16)",
+                       description="Build the engine (encoder, every (class, timestep) denoiser evaluation with fixed "
+                       "noise, masked error, reduction, logits and anomaly score) and export it to ONNX: input 'cells' "
+                       "uint8 [N, 3, S, S], outputs logits, errors, anomaly; dynamic batch.")
+    _common(p)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .onnx file")
+
+
+def _add_int8(sub) -> None:
+    p = sub.add_parser("int8", help="quantize an FP32 engine ONNX to INT8 (QDQ) on real training cells",
+                       description="Static INT8 quantization with QDQ nodes (per-channel int8 weights, uint8 "
+                       "activations), calibrated on a stratified sample of the training split; the error tail stays float.")
+    p.add_argument("--config", help="TOML file with ExportConfig keys")
+    p.add_argument("--teacher", help="teacher folder holding splits.npz (default runs/teacher)")
+    _data(p)
+    p.add_argument("--onnx", required=True, metavar="FILE", help="FP32 engine .onnx to quantize")
+    p.add_argument("--out", required=True, metavar="FILE", help="output INT8 .onnx file")
+
+
+def _add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="build the engine, export fp32/int8/fp16 ONNX, calibrate, write a model bundle",
+                       description="Build the engine from the teacher and the distilled student, export it to ONNX "
+                       "(fp32, fp16), quantize it to INT8 on training cells, fit calibration.json on the held-out "
+                       "'cal' split with the shipped precision, and write a bundle folder with a hashed manifest. "
+                       "The folder is assembled beside --out and moved there only when complete.")
+    _common(p)
+    _data(p)
+    p.add_argument("--precisions", type=lambda s: tuple(s.split(",")), metavar="P1,P2",
+                   help="engines to ship among fp32,int8,fp16 (default all three)")
+    p.add_argument("--default-precision", help="precision the runtime uses by default (default fp32)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
+                   help="ship the bundle uncalibrated (every cell goes to review until `cytoedge calibrate`)")
+    p.add_argument("--no-teacher", dest="ship_teacher", action="store_const", const=False,
+                   help="leave the teacher's weights out of the bundle")
+    p.add_argument("--name", help="bundle name in the manifest")
+    p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to create (must not exist)")
+
+
+def _add_tensorrt(sub) -> None:
+    p = sub.add_parser("tensorrt", help="build a TensorRT plan for this GPU into a bundle (needs the 'tensorrt' extra)",
+                       description="Build the bundle's ONNX engine of one precision into a TensorRT plan for the GPU "
+                       "and TensorRT version of this machine (strongly typed: fp16 from the FP16 ONNX, int8 from a "
+                       "QDQ ONNX with symmetric int8 quantization), with one optimisation profile over batch sizes "
+                       "and a timing cache. The plan (engine_<precision>.sm<XY>.trt<N>.plan) and its JSON sidecar "
+                       "(GPU, compute capability, TensorRT version, ONNX hash, profile) are added to the bundle's "
+                       "manifest; the tensorrt backend refuses plans built for another GPU or TensorRT version. "
+                       "Needs tensorrt and pycuda, not torch.")
+    p.add_argument("--bundle", metavar="DIR", help="bundle folder to add the plan to (default: the shipped bundle)")
+    p.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16",
+                   help="plan precision (default fp16)")
+    p.add_argument("--min-batch", type=int, default=1, metavar="N", help="profile: smallest batch (default 1)")
+    p.add_argument("--opt-batch", type=int, default=16, metavar="N", help="profile: batch tuned for (default 16)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="profile: largest batch; the backend splits "
+                   "larger ones (default 64)")
+    p.add_argument("--workspace-mib", type=int, default=4096, metavar="MIB",
+                   help="TensorRT workspace limit (default 4096)")
+    p.add_argument("--timing-cache", metavar="FILE", help="timing cache file (default: one per GPU and TensorRT "
+                   "version under ~/.cache/cytoedge/tensorrt)")
+
+
+def run_tensorrt(args: argparse.Namespace) -> int:
+    from export.tensorrt_build import BuildConfig, export_tensorrt
+
+    try:
+        cfg = BuildConfig(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                          max_batch=args.max_batch, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    _say(f"building a TensorRT plan ({cfg.precision}, batch {cfg.min_batch}/{cfg.opt_batch}/{cfg.max_batch}); "
+         "minutes the first time, the timing cache speeds up rebuilds")
+    path, side = export_tensorrt(args.bundle, cfg)
+    _say(f"built for {side['gpu']} (compute capability {side['compute_capability']}, TensorRT {side['tensorrt']}) "
+         f"in {side['build_seconds']} s")
+    print(path)
+    return 0
+
+
+ACTIONS = {"onnx": _add_onnx, "int8": _add_int8, "bundle": _add_bundle, "tensorrt": _add_tensorrt}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export the engine: ONNX graphs, INT8 quantization, model bundles",
+                              description="Turn the teacher and the distilled student into deployable artefacts. "
+                              "Needs the 'export' extra (torch, diffusers, onnx).")
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    for add in ACTIONS.values():
+        add(sub)
+    p.set_defaults(func=run)
+
+
+def make_export_config(args: argparse.Namespace) -> ExportConfig:
+    from edge.config import load_config
+
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ExportConfig)}
+    return load_config(ExportConfig, getattr(args, "config", None), overrides)
+
+
+def _engine_parts(cfg: ExportConfig):
+    """(teacher, student unet or None, timesteps, noise_seed, logit_scale or None, distill info)."""
+    from export.engine import load_student
+    from export.teacher import load_teacher
+
+    teacher = load_teacher(cfg.teacher)
+    unet, info, scale = None, {}, None
+    ts, seed = list(cfg.timesteps), cfg.noise_seed
+    if cfg.student:
+        unet, info = load_student(teacher, cfg.student)
+        if ts and ts != info["timesteps"]:
+            raise ConfigError(f"--timesteps {ts} differ from the student's {info['timesteps']} (it was distilled for those)")
+        if seed >= 0 and seed != info["noise_seed"]:
+            raise ConfigError(f"--noise-seed {seed} differs from the student's {info['noise_seed']}")
+        ts, seed, scale = info["timesteps"], info["noise_seed"], info.get("logit_scale")
+    elif not ts or seed < 0:
+        raise ConfigError("without --student, give the engine's --timesteps and --noise-seed")
+    return teacher, unet, ts, seed, scale, info
+
+
+def _load_data(cfg: ExportConfig) -> dict:
+    """Crop cache + splits -> dict(crops [N, S, S, 3], labels [N], classes, digest, train, val, cal)."""
+    import numpy as np
+
+    from export.train import load_cache
+
+    data = load_cache(cfg.cache)
+    path = Path(cfg.splits) if cfg.splits else Path(cfg.teacher) / "splits.npz"
+    if not path.exists():
+        raise InputError(f"{path}: splits file not found (train/val/cal indices into {cfg.cache})")
+    with np.load(path) as z:
+        data.update({k: z[k] for k in ("train", "val", "cal") if k in z.files})
+    if "train" not in data:
+        raise InputError(f"{path}: no 'train' split")
+    return data
+
+
+def _calib_cells(cfg: ExportConfig, data: dict):
+    import numpy as np
+
+    from calibration.calibset import stratified_sample
+
+    train = data["train"]
+    pick = train[stratified_sample(data["labels"][train], cfg.calib_cells, seed=cfg.calib_seed)]
+    return np.ascontiguousarray(data["crops"][pick].transpose(0, 3, 1, 2))
+
+
+def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
+    """Run the bundle's default engine (ONNX Runtime) on the 'cal' split and fit calibration.json."""
+    import numpy as np
+
+    from calibration.calibset import crops_sha256
+    from calibration.fit import fit_calibration
+    from edge.backends import load_backend
+    from edge.bundle import load_bundle
+
+    if "cal" not in data:
+        raise InputError("the splits file has no 'cal' split to calibrate on (use --no-calibrate)")
+    bundle = load_bundle(bundle_dir)
+    backend = load_backend("onnxruntime", bundle, intra_op_num_threads=cfg.threads)
+    crops = np.ascontiguousarray(data["crops"][data["cal"]].transpose(0, 3, 1, 2))
+    outs = []
+    for i in range(0, len(crops), 64):
+        outs.append(backend.infer(crops[i:i + 64]))
+        print(f"\rcytoedge export: calibrating on the cal split {min(i + 64, len(crops))}/{len(crops)}", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in ("logits", "errors", "anomaly")}
+    cal = fit_calibration(merged["logits"], merged["errors"], merged["anomaly"], data["labels"][data["cal"]],
+                          bundle.classes, alpha=cfg.alpha, delta=cfg.delta, false_alarm=cfg.false_alarm,
+                          anomaly_score=cfg.anomaly_score, calibset_sha256=crops_sha256(crops))
+    cal["backend"], cal["precision"] = backend.name, backend.precision
+    return cal
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "tensorrt":  # runs on the GPU box: no torch
+        return run_tensorrt(args)
+    import torch
+
+    cfg = make_export_config(args)
+    torch.set_num_threads(cfg.threads)
+    out = Path(args.out)
+    if args.action == "int8":
+        from export.quantize import quantize_int8
+
+        cells = _calib_cells(cfg, _load_data(cfg))
+        _say(f"quantizing {args.onnx} on {len(cells)} training cells (preset {cfg.int8_preset})")
+        summary = quantize_int8(args.onnx, out, cells, cfg.int8_preset)
+        _say(f"{summary['qdq_nodes']} Q/DQ nodes, {summary['float_nodes']} nodes kept float")
+        print(out)
+        return 0
+
+    teacher, unet, ts, seed, scale, info = _engine_parts(cfg)
+    if args.action == "onnx":
+        from export.engine import build_engine
+        from export.onnx_export import export_onnx
+
+        eng = build_engine(teacher, unet, ts, seed, list(cfg.weights) or None, logit_scale=scale or 1.0)
+        if scale is None:
+            _say("no student logit scale: logits = -errors (the bundle action measures a scale)")
+        export_onnx(eng, out, teacher.cfg.crop_size, args.precision)
+        _say(f"{eng.evals_per_cell} denoiser evaluations per cell, timesteps {eng.timesteps}, noise seed {seed}")
+        print(out)
+        return 0
+
+    from edge.bundle import update_bundle_file
+    from export.bundle import build_bundle
+
+    if out.exists():
+        raise InputError(f"{out}: already exists; give a new bundle folder")
+    data = _load_data(cfg)
+    cells = _calib_cells(cfg, data)
+    train_labels = data["labels"][data["train"]]
+    classes = [str(c) for c in data["classes"]]
+    if classes != list(teacher.cfg.classes):
+        raise InputError(f"{cfg.cache}: classes {classes} differ from the teacher's {list(teacher.cfg.classes)}")
+    training_data = {
+        "cache": Path(cfg.cache).name, "cache_digest": str(data.get("digest", "")),
+        "n_train": int(len(data["train"])), "n_val": int(len(data.get("val", []))), "n_cal": int(len(data.get("cal", []))),
+        "train_per_class": {c: int((train_labels == k).sum()) for k, c in enumerate(classes)},
+        "teacher_steps": teacher.meta.get("steps"), "int8_calibration_split": "train",
+    }
+    metrics = {"distill": {k: v for k, v in info.items() if k not in ("config", "search")}} if info else {}
+    teacher_files = None
+    if cfg.ship_teacher:
+        teacher_files = {n: Path(cfg.teacher) / n for n in ("teacher.safetensors", "teacher.json")}
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        build_bundle(partial, teacher, unet, timesteps=ts, noise_seed=seed, weights=list(cfg.weights) or None,
+                     calib_cells=cells, logit_scale=scale, precisions=cfg.precisions,
+                     default_precision=cfg.default_precision, int8_preset=cfg.int8_preset, teacher_files=teacher_files,
+                     name=cfg.name, training_data=training_data, metrics=metrics, progress=_say)
+        if cfg.calibrate:
+            cal = _fit_calibration(cfg, partial, data)
+            update_bundle_file(partial, "calibration.json", (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
+            m = cal["metrics"]
+            _say(f"calibrated on {cal['n_cells']} cal-split cells: accuracy {100 * m['accuracy']:.1f}%, temperature "
+                 f"{cal['temperature']:.3f}, coverage {100 * m['coverage']:.1f}%")
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    print(out)
+    return 0

@@ -1,0 +1,375 @@
+"""Regenerate the demo's bundled smear frames (``edge/demo/``) from cells the project's own teacher draws.
+
+    python -m export.demo_frames --teacher runs/teacher          # cells sampled from the diffusion teacher
+    python -m export.demo_frames --placeholder                    # synthetic cells, no torch (tests, drafts)
+
+A frame is composed, never copied: a rendered background of red cells (Beer-Lambert absorbance of biconcave
+discs with a central pallor, overlaps darker, on a cream, unevenly lit background, a few platelets), white
+cells sampled from the teacher (``export.generate.sample_cells``, 64x64 crops normalised like
+``edge.preprocess``: the nucleus group spans ``NUCLEUS_FILL`` of the crop) matted out of their crop and
+scaled so that their nucleus has its physical size next to 7.5 um red cells, and a few deliberately odd
+cells the model has never seen (a blast-like cell: very large, huge pale nucleus with nucleoli, thin blue
+rim; a smudge cell: ragged bare nuclear material). Each *field* is a canvas larger than the frame; its
+frames are windows that drift slowly across it (sub-pixel, a few px per frame) with fresh sensor noise, so
+the same cell is seen in many frames at moving positions and tracking matters.
+
+Writes ``<out>/frames/f<field>_<frame>.jpg`` (640x480 RGB JPEG) and ``<out>/truth.json`` (generator,
+seed, scale, and per frame the true label and box of every placed cell). No image from ``../shared`` is
+read. Only the teacher mode imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.preprocess import CROP_SIZE, NUCLEUS_FILL
+
+RBC_UM = 7.5
+# Physical sizes per class, um: (whole cell, nucleus group enclosing diameter). Textbook values.
+CELL_UM = {
+    "neutrophil": (12.0, 9.5), "eosinophil": (13.0, 9.5), "basophil": (11.0, 8.0), "lymphocyte": (9.0, 7.5),
+    "monocyte": (16.0, 12.0), "ig": (14.0, 10.5), "erythroblast": (10.0, 7.0),
+}
+ODD_KINDS = ("blast", "smudge")
+# Per field: the white cells placed (teacher or placeholder) and the odd ones (procedural). A normal
+# differential (neutrophils ~50%, lymphocytes ~25%, monocytes, one eosinophil and basophil) plus the cells
+# that must raise alerts: an immature granulocyte and an erythroblast (abnormal in peripheral blood), a blast.
+ROSTER = (
+    ("neutrophil", "neutrophil", "lymphocyte", "monocyte"),
+    ("neutrophil", "lymphocyte", "lymphocyte", "eosinophil", "blast"),
+    ("neutrophil", "neutrophil", "lymphocyte", "basophil", "ig", "smudge"),
+    ("neutrophil", "neutrophil", "neutrophil", "lymphocyte", "monocyte", "erythroblast"),
+)
+BACKGROUND = np.array([238.0, 232.0, 219.0])  # cream, RGB
+# Absorbance per unit thickness, RGB (Beer-Lambert: I = I0 * exp(-A)). Pink red cells absorb green and blue.
+A_RBC = np.array([0.06, 0.42, 0.34])
+A_PLATELET = np.array([0.45, 0.95, 0.35])
+A_NUCLEUS_PALE = np.array([0.40, 0.78, 0.26])
+A_BLUE_CYTO = np.array([0.42, 0.30, 0.08])
+A_SMUDGE = np.array([0.30, 0.62, 0.20])
+
+
+@dataclass(frozen=True)
+class DemoFramesConfig:
+    width: int = 640
+    height: int = 480
+    px_per_um: float = 5.0  # red cells ~37 px across, a neutrophil ~60 px
+    frames_per_field: int = 10
+    drift_px: float = 6.0  # stage drift per frame, px
+    rbc_cover: float = 0.55  # fraction of the canvas covered by red cells
+    quality: int = 90  # JPEG quality
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PlacedCell:
+    """A cell on a field canvas: label (class name or an ODD_KINDS entry), centre (px), radius (px), source."""
+
+    label: str
+    cx: float
+    cy: float
+    r: float
+    source: str  # "teacher" | "placeholder" | "procedural"
+
+
+# ---- rendering helpers (absorbance space) ----
+
+def _grid(cx: float, cy: float, r: float, shape: tuple[int, int]):
+    """Local window around (cx, cy) of radius r -> (slice_y, slice_x, yy, xx) with yy/xx in canvas px."""
+    h, w = shape
+    x0, x1 = max(0, int(cx - r - 2)), min(w, int(cx + r + 3))
+    y0, y1 = max(0, int(cy - r - 2)), min(h, int(cy + r + 3))
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    return slice(y0, y1), slice(x0, x1), yy, xx
+
+
+def _smoothstep(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _add_rbc(A: np.ndarray, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
+    """A biconcave red cell: thick rim, pale centre, slightly elliptical, soft 1 px edge."""
+    sy, sx, yy, xx = _grid(cx, cy, r * 1.1, A.shape[:2])
+    th, q = rng.uniform(0, np.pi), rng.uniform(0.88, 1.0)
+    u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
+    v = (-(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)) / q
+    d = np.hypot(u, v) / r
+    thick = (0.42 + 0.58 * _smoothstep(0.08, 0.62, d)) * (1 - _smoothstep(0.93, 1.0 + 1.0 / r, d))
+    A[sy, sx] += thick[..., None] * A_RBC * rng.uniform(0.85, 1.15)
+
+
+def _add_blob(A: np.ndarray, mask: np.ndarray, absorb: np.ndarray, sy, sx) -> None:
+    A[sy, sx] += mask[..., None] * absorb
+
+
+def _noise_field(shape: tuple[int, int], scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Smooth random field in [0, 1], feature size ~scale px."""
+    n = rng.random(shape).astype(np.float32)
+    n = cv2.GaussianBlur(n, (0, 0), max(scale, 0.5))
+    return (n - n.min()) / max(float(n.max() - n.min()), 1e-6)
+
+
+def _add_blast(A: np.ndarray, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
+    """Blast-like: very large cell, huge round pale nucleus (fine chromatin, 2-3 nucleoli), thin blue rim."""
+    sy, sx, yy, xx = _grid(cx, cy, r, A.shape[:2])
+    d = np.hypot(xx - cx, yy - cy)
+    cyto = 1 - _smoothstep(r - 1.5, r, d)
+    rn = 0.8 * r
+    ncx, ncy = cx + rng.uniform(-0.05, 0.05) * r, cy + rng.uniform(-0.05, 0.05) * r
+    nuc = 1 - _smoothstep(rn - 1.5, rn, np.hypot(xx - ncx, yy - ncy))
+    tex = 0.8 + 0.25 * _noise_field(d.shape, 1.2, rng)
+    for _ in range(int(rng.integers(2, 4))):  # nucleoli: paler, bluish spots
+        a, rr = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.5) * rn
+        ox, oy = ncx + rr * np.cos(a), ncy + rr * np.sin(a)
+        tex = tex - 0.35 * (1 - _smoothstep(0.06 * rn, 0.1 * rn, np.hypot(xx - ox, yy - oy)))
+    _add_blob(A, cyto * (1 - nuc) * 0.9, A_BLUE_CYTO, sy, sx)
+    _add_blob(A, nuc * tex, A_NUCLEUS_PALE, sy, sx)
+
+
+def _add_smudge(A: np.ndarray, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
+    """Smudge cell: ragged bare nuclear material smeared along the spreading direction, no cytoplasm."""
+    sy, sx, yy, xx = _grid(cx, cy, r * 1.6, A.shape[:2])
+    d = np.hypot(xx - cx, yy - cy) / r
+    body = _smoothstep(0.45, 0.8, 0.8 * (1.15 - d) + 0.45 * _noise_field(d.shape, r / 5, rng))
+    k = max(3, int(r * 0.6)) | 1  # smear: a directional blur along a random spreading direction
+    line = np.zeros((k, k), np.float32)
+    th = rng.uniform(0, np.pi)
+    cv2.line(line, (int(k / 2 - k / 2 * np.cos(th)), int(k / 2 - k / 2 * np.sin(th))),
+             (int(k / 2 + k / 2 * np.cos(th)), int(k / 2 + k / 2 * np.sin(th))), 1.0, 1)
+    body = cv2.filter2D(body.astype(np.float32), -1, line / line.sum())
+    fibres = 0.75 + 0.25 * cv2.filter2D(_noise_field(d.shape, 0.8, rng), -1, line / line.sum())
+    _add_blob(A, body * fibres, A_SMUDGE, sy, sx)
+
+
+# ---- placeholder white cells (same geometry as the teacher's normalised crops) ----
+
+def placeholder_cells(label: str, n: int, seed: int) -> np.ndarray:
+    """Synthetic stand-ins for ``sample_cells``: uint8 [n, 64, 64, 3] RGB, nucleus group spanning
+    ``NUCLEUS_FILL`` of the crop, cytoplasm per ``CELL_UM``, on a PBC-like pale background."""
+    rng = np.random.default_rng(seed)
+    s = CROP_SIZE
+    out = np.empty((n, s, s, 3), np.uint8)
+    rn = NUCLEUS_FILL * s / 2
+    cell_um, nuc_um = CELL_UM[label]
+    rc = rn * cell_um / nuc_um
+    cyto_abs = {"eosinophil": np.array([0.04, 0.28, 0.22]), "basophil": np.array([0.25, 0.35, 0.15]),
+                "lymphocyte": A_BLUE_CYTO * 0.6, "monocyte": np.array([0.25, 0.28, 0.15]),
+                "erythroblast": np.array([0.30, 0.30, 0.15])}.get(label, np.array([0.10, 0.22, 0.12]))
+    nuc_abs = A_NUCLEUS_PALE * (1.7 if label in ("lymphocyte", "erythroblast") else 1.4)
+    for k in range(n):
+        A = np.zeros((s, s, 3), np.float32)
+        c = s / 2 + rng.uniform(-1, 1, 2)
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        d = np.hypot(xx - c[0], yy - c[1])
+        A += (1 - _smoothstep(rc - 1.5, rc, d))[..., None] * cyto_abs
+        if label == "neutrophil" or label == "eosinophil":
+            lobes = 4 if label == "neutrophil" else 2
+            a0 = rng.uniform(0, 2 * np.pi)
+            nuc = np.zeros((s, s), np.float32)
+            for j in range(lobes):
+                a = a0 + 2.2 * j / max(lobes - 1, 1)
+                lx, ly = c[0] + 0.55 * rn * np.cos(a), c[1] + 0.55 * rn * np.sin(a)
+                nuc = np.maximum(nuc, 1 - _smoothstep(0.38 * rn, 0.45 * rn, np.hypot(xx - lx, yy - ly)))
+        elif label in ("monocyte", "ig"):
+            ell = np.hypot((xx - c[0]) / 1.0, (yy - c[1]) / 0.75) / rn
+            notch = np.hypot(xx - c[0], yy - c[1] - 0.9 * rn) / (0.5 * rn)
+            nuc = (1 - _smoothstep(0.9, 1.0, ell)) * _smoothstep(0.9, 1.0, notch)
+        else:  # round nucleus: lymphocyte, basophil, erythroblast
+            nuc = 1 - _smoothstep(0.9 * rn, rn, d)
+        A += (nuc * (0.85 + 0.3 * _noise_field((s, s), 1.0, rng)))[..., None] * nuc_abs
+        if label in ("eosinophil", "basophil"):  # granules
+            g = (_noise_field((s, s), 0.7, rng) > 0.62) * (d < rc - 1) * (1 - nuc)
+            A += g[..., None] * (np.array([0.05, 0.5, 0.4]) if label == "eosinophil" else nuc_abs)
+        img = BACKGROUND * np.exp(-A)
+        out[k] = np.clip(img + rng.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def matte_cell(crop: np.ndarray, label: str) -> np.ndarray:
+    """uint8 [S, S, 3] normalised crop -> float32 alpha [S, S]: the centred cell, soft-edged; pixels that look
+    like the crop's own background (its border colour) inside the cell disc are faded out."""
+    s = crop.shape[0]
+    cell_um, nuc_um = CELL_UM[label]
+    rc = NUCLEUS_FILL * s / 2 * cell_um / nuc_um
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    disc = 1 - _smoothstep(rc - 3.0, rc + 0.5, np.hypot(xx - s / 2, yy - s / 2))
+    f = crop.astype(np.float32)
+    border = np.concatenate([f[:3].reshape(-1, 3), f[-3:].reshape(-1, 3), f[:, :3].reshape(-1, 3), f[:, -3:].reshape(-1, 3)])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(f - bg, axis=2)
+    alpha = disc * _smoothstep(8.0, 30.0, cv2.GaussianBlur(dist, (0, 0), 1.0))
+    return cv2.GaussianBlur(alpha, (0, 0), 0.7)
+
+
+# ---- composition ----
+
+def _place(n_cells: list[tuple[str, float]], view: tuple[float, float, float, float], rng: np.random.Generator,
+           taken: list[tuple[float, float, float]]) -> list[tuple[str, float, float, float]]:
+    """Non-overlapping centres for (label, radius px) inside ``view`` (x0, y0, x1, y1)."""
+    out = []
+    for label, r in n_cells:
+        for _ in range(400):
+            x, y = rng.uniform(view[0] + r, view[2] - r), rng.uniform(view[1] + r, view[3] - r)
+            if all(np.hypot(x - a, y - b) > r + rr + 12 for a, b, rr in taken):
+                break
+        taken.append((x, y, r))
+        out.append((label, x, y, r))
+    return out
+
+
+def render_field(labels: tuple[str, ...], crops: dict[str, list[np.ndarray]], source: str,
+                 cfg: DemoFramesConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[PlacedCell], np.ndarray]:
+    """One field -> (canvas float32 RGB [Hc, Wc, 3] in 0..255, placed cells, window offsets float [F, 2] x, y)."""
+    n = cfg.frames_per_field
+    ang = rng.uniform(0, 2 * np.pi)
+    step = cfg.drift_px * np.array([np.cos(ang), np.sin(ang)])
+    travel = np.abs(step) * (n - 1)
+    pad = 8
+    wc, hc = int(cfg.width + travel[0] + 2 * pad), int(cfg.height + travel[1] + 2 * pad)
+    start = np.array([pad + (travel[0] if step[0] < 0 else 0), pad + (travel[1] if step[1] < 0 else 0)])
+    offsets = start + step[None, :] * np.arange(n)[:, None] + rng.normal(0, 0.3, (n, 2))
+    # White cells go where most frames see them whole: the window common to the middle frames, inset.
+    mid = offsets[n // 4:max(n // 4 + 1, 3 * n // 4)]
+    view = (mid[:, 0].max() + 10, mid[:, 1].max() + 10, mid[:, 0].min() + cfg.width - 10, mid[:, 1].min() + cfg.height - 10)
+    s = cfg.px_per_um
+    sizes = [(lab, (20.0 if lab == "blast" else 14.0 if lab == "smudge" else CELL_UM[lab][0]) * s / 2) for lab in labels]
+    taken: list[tuple[float, float, float]] = []
+    spots = _place(sizes, view, rng, taken)
+    A = np.zeros((hc, wc, 3), np.float32)
+    r_rbc = RBC_UM * s / 2
+    target = int(cfg.rbc_cover * wc * hc / (np.pi * r_rbc ** 2))
+    rbcs: list[tuple[float, float]] = []
+    for _ in range(target * 30):
+        if len(rbcs) >= target:
+            break
+        x, y = rng.uniform(-r_rbc, wc + r_rbc), rng.uniform(-r_rbc, hc + r_rbc)
+        if any(np.hypot(x - a, y - b) < r + r_rbc * 0.8 for a, b, r in taken):
+            continue  # red cells push aside around white cells
+        if rbcs and np.min(np.hypot(*(np.array(rbcs) - (x, y)).T)) < 1.75 * r_rbc:
+            continue  # a monolayer: red cells touch and overlap a little
+        rbcs.append((x, y))
+        _add_rbc(A, x, y, r_rbc * rng.uniform(0.92, 1.08), rng)
+    for _ in range(int(wc * hc / 40000)):  # platelets, 2-3 um
+        x, y = rng.uniform(0, wc), rng.uniform(0, hc)
+        sy, sx, yy, xx = _grid(x, y, 1.5 * s, (hc, wc))
+        m = (1 - _smoothstep(0.8 * s, 1.3 * s, np.hypot(xx - x, yy - y))) * (0.6 + 0.4 * _noise_field(yy.shape, 0.8, rng))
+        _add_blob(A, m, A_PLATELET, sy, sx)
+    placed: list[PlacedCell] = []
+    for lab, x, y, r in spots:
+        if lab == "blast":
+            _add_blast(A, x, y, r, rng)
+        elif lab == "smudge":
+            _add_smudge(A, x, y, r, rng)
+        placed.append(PlacedCell(lab, float(x), float(y), float(r), "procedural" if lab in ODD_KINDS else source))
+    light = 1.0 + 0.05 * (_noise_field((hc, wc), 120.0, rng) - 0.5)  # uneven illumination
+    canvas = BACKGROUND[None, None, :] * light[..., None] * np.exp(-A)
+    for cell in placed:
+        if cell.source == "procedural":
+            continue
+        crop = crops[cell.label].pop()
+        alpha = matte_cell(crop, cell.label)
+        # Scale so the nucleus group (NUCLEUS_FILL of the crop) has its physical size here.
+        k = CELL_UM[cell.label][1] * s / (NUCLEUS_FILL * CROP_SIZE)
+        m = int(round(CROP_SIZE * k))
+        big = cv2.resize(crop, (m, m), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        a = cv2.resize(alpha, (m, m), interpolation=cv2.INTER_LINEAR)[..., None]
+        x0, y0 = int(round(cell.cx - m / 2)), int(round(cell.cy - m / 2))
+        ys, xs = slice(max(0, y0), min(hc, y0 + m)), slice(max(0, x0), min(wc, x0 + m))
+        cy_, cx_ = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
+        canvas[ys, xs] = a[cy_, cx_] * big[cy_, cx_] + (1 - a[cy_, cx_]) * canvas[ys, xs]
+    return canvas.astype(np.float32), placed, offsets
+
+
+def frame_at(canvas: np.ndarray, offset: np.ndarray, cfg: DemoFramesConfig, rng: np.random.Generator) -> np.ndarray:
+    """Window of the canvas at a sub-pixel offset (x, y), optics blur and fresh sensor noise -> uint8 RGB [H, W, 3]."""
+    M = np.float32([[1, 0, -offset[0]], [0, 1, -offset[1]]])
+    win = cv2.warpAffine(canvas, M, (cfg.width, cfg.height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    win = cv2.GaussianBlur(win, (0, 0), 0.7) * rng.uniform(0.985, 1.015)
+    return np.clip(win + rng.normal(0, 2.5, win.shape), 0, 255).astype(np.uint8)
+
+
+def compose(sample, source: str, cfg: DemoFramesConfig, roster=ROSTER):
+    """Yield (name, uint8 RGB frame, truth dict) for every frame. ``sample(label, n, seed)`` -> uint8 [n, 64, 64, 3]."""
+    rng = np.random.default_rng(cfg.seed)
+    need: dict[str, int] = {}
+    for field in roster:
+        for lab in field:
+            if lab not in ODD_KINDS:
+                need[lab] = need.get(lab, 0) + 1
+    crops = {lab: list(sample(lab, k, cfg.seed + i)) for i, (lab, k) in enumerate(sorted(need.items()))}
+    for fi, labels in enumerate(roster):
+        canvas, placed, offsets = render_field(labels, crops, source, cfg, rng)
+        for j, off in enumerate(offsets):
+            cells = []
+            for c in placed:
+                x0, y0, x1, y1 = c.cx - c.r - off[0], c.cy - c.r - off[1], c.cx + c.r - off[0], c.cy + c.r - off[1]
+                if x1 <= 0 or y1 <= 0 or x0 >= cfg.width or y0 >= cfg.height:
+                    continue
+                whole = bool(x0 >= 0 and y0 >= 0 and x1 <= cfg.width and y1 <= cfg.height)
+                cells.append({"label": c.label, "box": [round(v, 1) for v in (x0, y0, x1, y1)], "whole": whole,
+                              "source": c.source, "cell": f"{fi}:{placed.index(c)}"})
+            name = f"f{fi}_{j:02d}.jpg"
+            yield name, frame_at(canvas, off, cfg, rng), {"file": name, "field": fi, "offset": [round(float(v), 2) for v in off],
+                                                           "cells": cells}
+
+
+def write_demo(out: Path, sample, source: str, cfg: DemoFramesConfig, generator: dict) -> dict:
+    """Compose every frame into ``out/frames`` (old frames removed first) and write ``out/truth.json``."""
+    frames_dir = out / "frames"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(frames_dir.glob("*.jpg")) + list(frames_dir.glob("*.png")):
+        old.unlink()
+    truth = {"generator": generator, "config": asdict(cfg), "rbc_um": RBC_UM, "um_per_px": 1.0 / cfg.px_per_um,
+             "frames": []}
+    for name, rgb, t in compose(sample, source, cfg):
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, cfg.quality])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode {name}")
+        (frames_dir / name).write_bytes(buf.tobytes())
+        truth["frames"].append(t)
+    (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    return truth
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.demo_frames", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="DIR", help="teacher folder (teacher.safetensors + teacher.json) to sample cells from")
+    src.add_argument("--placeholder", action="store_true", help="synthetic cells instead of the teacher (no torch)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "edge" / "demo"),
+                   help="output folder (default: edge/demo of this checkout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames-per-field", type=int, default=DemoFramesConfig.frames_per_field)
+    p.add_argument("--quality", type=int, default=DemoFramesConfig.quality, help="JPEG quality")
+    args = p.parse_args(argv)
+    cfg = DemoFramesConfig(seed=args.seed, frames_per_field=args.frames_per_field, quality=args.quality)
+    if args.placeholder:
+        sample, source, generator = placeholder_cells, "placeholder", {"cells": "placeholder", "seed": args.seed}
+    else:
+        from export.generate import sample_cells
+        from export.teacher import load_teacher
+
+        teacher = load_teacher(args.teacher)
+        sample = lambda label, n, seed: sample_cells(teacher, label, n, seed)  # noqa: E731
+        source = "teacher"
+        wfile = Path(args.teacher) / "teacher.safetensors"
+        import hashlib
+
+        generator = {"cells": "teacher", "teacher": str(args.teacher), "seed": args.seed,
+                     "teacher_sha256": hashlib.sha256(wfile.read_bytes()).hexdigest()}
+    truth = write_demo(Path(args.out), sample, source, cfg, generator)
+    size = sum(f.stat().st_size for f in (Path(args.out) / "frames").iterdir())
+    n_cells = len({c["cell"] for fr in truth["frames"] for c in fr["cells"]})
+    print(f"wrote {len(truth['frames'])} frames ({size / 1e6:.2f} MB) with {n_cells} cells to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Timestep distillation: a few fixed timesteps with fixed noise, and a student that matches the teacher.
+
+Stages (each cached in ``run_dir``, so a stopped run resumes):
+1. ``teacher_val.npz``: the teacher's full classification (export.diffusion_classifier) of the validation
+   cells: the accuracy reference, and what the search below agrees with.
+2. ``teacher_targets.npz``: the same on a stratified sample of training cells: the distillation targets.
+3. ``search.json``: timesteps (pairs/sets from a grid) and then the noise seed, chosen for label agreement of
+   the fixed-noise teacher with its own full estimate on a validation subset.
+4. ``student.safetensors``: the teacher's denoiser fine-tuned so that the engine's class errors at those
+   timesteps match the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true
+   labels and a learned, plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibration.calibset import stratified_sample
+from export.diffusion_classifier import ClassifierConfig, classify_cells
+from export.engine import Engine, build_engine
+from export.teacher import Teacher, load_teacher
+from export.train import _Batches, load_cache
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher_dir: str = "runs/teacher"
+    run_dir: str = "runs/student"
+    cache: str = "runs/cache/pbc64.npz"
+    n_timesteps: int = 2  # evaluations per cell = K * n_timesteps
+    grid: tuple[int, ...] = (50, 150, 300, 450, 600, 800)  # candidate timesteps
+    search_seeds: int = 8
+    search_cells: int = 400  # validation cells used by the search
+    target_cells: int = 1600  # training cells with teacher targets
+    steps: int = 300
+    batch: int = 16
+    lr: float = 3e-5
+    denoise_weight: float = 1.0
+    ckpt_every: int = 50
+    max_minutes: float = 0.0
+    threads: int = 2
+    seed: int = 0
+
+
+def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str) -> dict[str, np.ndarray]:
+    """Cached full teacher classification of uint8 [N, S, S, 3] cells -> dict(errors [N,K], label, evals, zeta)."""
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    t0 = time.time()
+    res = classify_cells(teacher, cells.transpose(0, 3, 1, 2), ClassifierConfig(), progress=True)
+    out = {"errors": np.stack([r.errors for r in res]), "label": np.array([r.label for r in res]),
+           "evals": np.array([r.evals for r in res]), "zeta": np.array([r.zeta for r in res]),
+           "seconds": np.array(time.time() - t0)}
+    np.savez(path, **out)
+    return out
+
+
+@torch.no_grad()
+def engine_errors(engine: Engine, cells: np.ndarray, batch: int = 32) -> np.ndarray:
+    """uint8 [N, S, S, 3] -> float64 [N, K] engine class errors."""
+    x = torch.from_numpy(np.ascontiguousarray(cells.transpose(0, 3, 1, 2)))
+    return torch.cat([engine.class_errors(x[i:i + batch]) for i in range(0, len(x), batch)]).double().numpy()
+
+
+def search(teacher: Teacher, cells: np.ndarray, teacher_label: np.ndarray, cfg: DistillConfig) -> dict:
+    """Pick timesteps (seed 0), then the noise seed, for agreement with the teacher's full labels."""
+    rows = []
+    best_t, best_agree = None, -1.0
+    for ts in itertools.combinations(cfg.grid, cfg.n_timesteps):
+        agree = float(np.mean(engine_errors(build_engine(teacher, None, ts, 0), cells).argmin(1) == teacher_label))
+        rows.append({"timesteps": list(ts), "seed": 0, "agreement": agree})
+        if agree > best_agree:
+            best_t, best_agree = list(ts), agree
+    best_seed = 0
+    for seed in range(1, cfg.search_seeds):
+        agree = float(np.mean(engine_errors(build_engine(teacher, None, best_t, seed), cells).argmin(1) == teacher_label))
+        rows.append({"timesteps": best_t, "seed": seed, "agreement": agree})
+        if agree > best_agree:
+            best_seed, best_agree = seed, agree
+    return {"timesteps": best_t, "noise_seed": best_seed, "agreement": best_agree, "n_cells": int(len(cells)), "table": rows}
+
+
+def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
+    """b minimising the NLL of softmax(-b * errors) on true labels (1-D golden search on log b)."""
+    e = errors - errors.min(1, keepdims=True)
+
+    def nll(logb: float) -> float:
+        z = -math.exp(logb) * e
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(1))).mean())
+
+    lo, hi = -5.0, 12.0
+    for _ in range(60):
+        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, m2) if nll(m1) < nll(m2) else (m1, hi)
+    return math.exp((lo + hi) / 2)
+
+
+def distill(cfg: DistillConfig, progress: bool = True) -> Path:
+    """Run (or resume) all stages; returns the run folder with student.safetensors and distill.json."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher(cfg.teacher_dir)
+    data = load_cache(cfg.cache)
+    with np.load(Path(cfg.teacher_dir) / "splits.npz") as z:
+        splits = {k: z[k] for k in ("train", "val", "cal")}
+    crops, labels = data["crops"], data["labels"]
+    val = _teacher_results(teacher, crops[splits["val"]], run / "teacher_val.npz", "teacher val")
+    tgt_idx = splits["train"][stratified_sample(labels[splits["train"]], cfg.target_cells, seed=cfg.seed)]
+    tgt = _teacher_results(teacher, crops[tgt_idx], run / "teacher_targets.npz", "teacher targets")
+
+    search_path = run / "search.json"
+    if search_path.exists():
+        found = json.loads(search_path.read_text())
+    else:
+        sub = stratified_sample(labels[splits["val"]], cfg.search_cells, seed=cfg.seed)
+        found = search(teacher, crops[splits["val"]][sub], val["label"][sub], cfg)
+        search_path.write_text(json.dumps(found, indent=2))
+    ts, seed = found["timesteps"], found["noise_seed"]
+
+    b = fit_scale(tgt["errors"], labels[tgt_idx])
+    student = copy.deepcopy(teacher.unet).train().requires_grad_(True)
+    engine = build_engine(teacher, student, ts, seed)
+    engine.unet.requires_grad_(True)
+    log_a = torch.nn.Parameter(torch.tensor(math.log(b)))
+    opt = torch.optim.AdamW([{"params": student.parameters()}, {"params": [log_a], "lr": 1e-2}], lr=cfg.lr, weight_decay=0.0)
+    state = {"step": 0, "log": []}
+    ckpt = run / "ckpt.pt"
+    if ckpt.exists():
+        c = torch.load(ckpt, map_location="cpu", weights_only=False)
+        student.load_state_dict(c["student"]); opt.load_state_dict(c["opt"]); log_a.data.fill_(c["log_a"]); state = c["state"]
+    gen = torch.Generator().manual_seed(cfg.seed + state["step"])
+    tgt_cells = torch.from_numpy(crops[tgt_idx].transpose(0, 3, 1, 2).copy())
+    p_teacher = torch.softmax(-b * torch.from_numpy(tgt["errors"] - tgt["errors"].min(1, keepdims=True)).float(), 1)
+    denoise = _Batches(crops, labels, splits["train"], 32, cfg.seed + 7 + state["step"])
+    abar = teacher.abar
+    t_start = time.time()
+
+    def save(final: bool) -> None:
+        torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "log_a": float(log_a), "state": state}, run / "ckpt.pt.tmp")
+        (run / "ckpt.pt.tmp").replace(ckpt)
+        if final:
+            save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(run / "student.safetensors"))
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not progress)
+    while state["step"] < cfg.steps and not (cfg.max_minutes > 0 and time.time() - t_start > cfg.max_minutes * 60):
+        i = torch.randint(0, len(tgt_cells), (cfg.batch,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            e_s = engine.class_errors(tgt_cells[i]).float()
+        logp_s = torch.log_softmax(-log_a.exp() * (e_s - e_s.min(1, keepdim=True).values.detach()), 1)
+        kl = F.kl_div(logp_s, p_teacher[i], reduction="batchmean")
+        x, y = denoise.next()
+        with torch.no_grad():
+            z0 = teacher.latents(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        t = torch.randint(0, len(abar), (len(y),), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = student(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, class_labels=y).sample
+        dn = F.mse_loss(pred.float(), noise)
+        loss = kl + cfg.denoise_weight * dn
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        state["log"].append((state["step"], float(kl), float(dn), float(log_a.exp())))
+        bar.update(1); bar.set_postfix(kl=f"{kl.item():.3f}", dn=f"{dn.item():.3f}")
+        if state["step"] % cfg.ckpt_every == 0:
+            save(False)
+    bar.close()
+    save(True)
+
+    student.eval().requires_grad_(False)
+    val_e = engine_errors(engine, crops[splits["val"]])
+    agree = float(np.mean(val_e.argmin(1) == val["label"]))
+    (run / "distill.json").write_text(json.dumps({
+        "timesteps": ts, "noise_seed": seed, "logit_scale": float(log_a.exp()), "teacher_logit_scale": b,
+        "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
+        "val_agreement_with_teacher": agree, "search": {k: v for k, v in found.items() if k != "table"},
+        "config": asdict(cfg)}, indent=2))
+    return run

@@ -1,0 +1,132 @@
+"""INT8 static quantization of the engine's ONNX graph with QDQ nodes (onnxruntime.quantization).
+
+Activations uint8, weights int8 per output channel (U8S8, the fast path on x86 with VNNI), ranges from a real
+calibration set of cells (a stratified sample chosen and hashed by calibration.calibset). The graph is first
+pre-processed (symbolic shape inference and ORT graph optimisation, ``quant_pre_process``), as the ONNX Runtime
+documentation recommends for static quantization.
+
+What stays in float (``EXCLUDE_PRESETS``): class errors differ between classes by a small fraction of their
+size, so the tail that turns the predicted noise into errors, logits and the anomaly score (everything after the
+denoiser's last convolution) is always kept in float: quantizing a difference of near-equal numbers loses it.
+The presets below add the first and last convolutions (encoder, the denoiser's conv_in and conv_out), whose
+precision measurement showed matters most; ``benchmarks/engine.py`` and tests/test_quantize.py measure label
+agreement for each preset against FP32.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+EXCLUDE_PRESETS = ("tail", "tail+ends", "tail+out")
+
+
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def float_nodes(model, preset: str = "tail+ends") -> list[str]:
+    """Names of the nodes of ``model`` (onnx.ModelProto, after pre-processing) to keep in float for ``preset``.
+
+    "tail": every node downstream of the last Conv (error, reduction, logits, top-k, anomaly);
+    "tail+out": the tail and the last Conv (the denoiser's conv_out, whose output is the predicted noise);
+    "tail+ends": the tail, the first two Convs (encoder, conv_in) and the last Conv.
+    """
+    if preset not in EXCLUDE_PRESETS:
+        raise ValueError(f"unknown float-node preset {preset!r} (known: {', '.join(EXCLUDE_PRESETS)})")
+    graph = model.graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if len(convs) < 3:
+        raise ValueError(f"expected an engine graph with at least 3 Conv nodes, found {len(convs)}")
+    for i, n in enumerate(graph.node):  # give unnamed nodes stable names so they can be excluded
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    consumers = _consumers(graph)
+    tail, stack = set(), list(convs[-1].output)
+    while stack:
+        for node in consumers.get(stack.pop(), []):
+            if node.name not in tail:
+                tail.add(node.name)
+                stack.extend(node.output)
+    names = sorted(tail)
+    if preset in ("tail+out", "tail+ends"):
+        names.append(convs[-1].name)
+    if preset == "tail+ends":
+        names += [convs[0].name, convs[1].name]
+    return names
+
+
+class CellReader:
+    """onnxruntime.quantization.CalibrationDataReader over uint8 cells [N, 3, S, S], ``batch`` cells per feed."""
+
+    def __init__(self, cells: np.ndarray, batch: int = 8, input_name: str = "cells"):
+        if cells.dtype != np.uint8 or cells.ndim != 4 or cells.shape[1] != 3:
+            raise ValueError(f"calibration cells must be uint8 [N, 3, S, S], got {cells.dtype} {cells.shape}")
+        self.cells, self.batch, self.input_name = cells, batch, input_name
+        self._it: Iterator[dict] = self._feeds()
+
+    def _feeds(self) -> Iterator[dict]:
+        for i in range(0, len(self.cells), self.batch):
+            yield {self.input_name: np.ascontiguousarray(self.cells[i:i + self.batch])}
+
+    def get_next(self) -> dict | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = self._feeds()
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, cells: np.ndarray, preset: str = "tail+ends",
+                  batch: int = 8, calibrate_method: str = "MinMax", op_types: list[str] | None = None) -> dict:
+    """FP32 engine ONNX -> INT8 QDQ ONNX at ``out_path``, calibrated on ``cells`` uint8 [N, 3, S, S].
+
+    Returns a summary dict for the bundle manifest: preset, the float node names, calibration cell count,
+    method, and the count of QuantizeLinear/DequantizeLinear nodes inserted. op_types: quantize only these op
+    types (e.g. ["Conv", "Gemm", "MatMul"]); None = every op type the quantizer supports.
+    """
+    from onnxruntime.quantization import CalibrationMethod
+
+    method = {"MinMax": CalibrationMethod.MinMax, "Entropy": CalibrationMethod.Entropy,
+              "Percentile": CalibrationMethod.Percentile}[calibrate_method]
+    out_path = Path(out_path)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a warning per per-channel weight it cannot split
+    try:
+        summary = _quantize(fp32_path, out_path, cells, preset, batch, method, op_types)
+    finally:
+        root.setLevel(level)
+    summary["calibrate_method"] = calibrate_method
+    summary["op_types"] = op_types or "all"
+    return summary
+
+
+def _quantize(fp32_path, out_path: Path, cells: np.ndarray, preset: str, batch: int, method, op_types) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        model = onnx.load(str(pre))
+        exclude = float_nodes(model, preset)
+        onnx.save(model, str(pre))  # with the stable names given by float_nodes
+        quantize_static(
+            str(pre), str(out_path), CellReader(cells, batch), quant_format=QuantFormat.QDQ, per_channel=True,
+            op_types_to_quantize=op_types, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            calibrate_method=method,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    q = onnx.load(str(out_path))
+    onnx.checker.check_model(q)
+    ops = [n.op_type for n in q.graph.node]
+    return {"preset": preset, "float_nodes": len(exclude), "calibration_cells": int(len(cells)),
+            "activation_type": "uint8", "weight_type": "int8 per-channel",
+            "qdq_nodes": ops.count("QuantizeLinear") + ops.count("DequantizeLinear")}

@@ -1,0 +1,127 @@
+"""The diffusion teacher: training on real (rendered) images, resume, the full classifier's pruning,
+shared noise, zeta, and refusal of bad checkpoints."""
+from __future__ import annotations
+
+import types
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge.errors import BundleError, InputError  # noqa: E402
+from export.datasets import build_crop_cache, load_labelled_folder  # noqa: E402
+from export.diffusion_classifier import ClassifierConfig, classify_cell, spread_timesteps, zeta_score  # noqa: E402
+from export.models import ModelConfig, disc_mask  # noqa: E402
+from export.teacher import Teacher, load_teacher  # noqa: E402
+from export.train import TrainConfig, train  # noqa: E402
+from smear import Wbc, render_smear  # noqa: E402
+
+TINY = (8, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two classes of rendered cells (round vs lobed nuclei), 12 images each, cached and trained briefly."""
+    root = tmp_path_factory.mktemp("cells")
+    for kind in ("lobed", "round"):
+        (root / kind).mkdir()
+        for i in range(12):
+            img = render_smear([Wbc(80 + i % 5, 80 - i % 3, kind=kind)], h=160, w=160, px_per_um=3.0,
+                               n_rbc=10, n_platelets=0, seed=i)
+            cv2.imwrite(str(root / kind / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    cache = build_crop_cache(load_labelled_folder(root), root / "cache.npz", progress=False)
+    run = root / "run"
+    cfg = TrainConfig(cache=str(cache), run_dir=str(run), steps=100, batch=16, lr=2e-3, ckpt_every=20,
+                      threads=1, unet_channels=TINY, val_frac=0.2, cal_frac=0.0)
+    train(cfg, progress=False)
+    return cfg, run
+
+
+def test_tiny_teacher_loss_falls_and_saves(tiny_run):
+    cfg, run = tiny_run
+    state = torch.load(run / "ckpt.pt", weights_only=False)["state"]
+    losses = [loss for _, loss in state["losses"]]
+    assert state["step"] == 100 and len(losses) == 10
+    assert losses[-1] < 0.85 * losses[0]
+    teacher = load_teacher(run)
+    assert teacher.cfg.classes == ("lobed", "round") and teacher.latent_scale.shape == (1, 8, 1, 1)
+
+
+def test_resume_continues_and_refuses_other_config(tiny_run):
+    cfg, run = tiny_run
+    more = TrainConfig(**{**cfg.__dict__, "steps": 110})
+    train(more, progress=False)
+    assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["step"] == 110
+    other = TrainConfig(**{**cfg.__dict__, "steps": 120, "unet_channels": (16, 16)})
+    with pytest.raises(InputError, match="another config"):
+        train(other, progress=False)
+
+
+def test_truncated_or_mismatched_weights_are_refused(tiny_run, tmp_path):
+    _, run = tiny_run
+    (tmp_path / "teacher.json").write_bytes((run / "teacher.json").read_bytes())
+    data = (run / "teacher.safetensors").read_bytes()
+    (tmp_path / "teacher.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="teacher.safetensors"):
+        load_teacher(tmp_path)
+    cfg = ModelConfig(classes=("lobed", "round"), unet_channels=(16, 32))
+    (tmp_path / "teacher.safetensors").write_bytes(data)
+    (tmp_path / "teacher.json").write_text(__import__("json").dumps({"model": cfg.to_dict(), "latent_scale": [1.0] * 8}))
+    with pytest.raises(BundleError, match="do not match"):
+        load_teacher(tmp_path)
+    with pytest.raises(BundleError, match="missing"):
+        load_teacher(tmp_path / "nowhere")
+
+
+class _BiasUnet(torch.nn.Module):
+    """A fake denoiser: predicts a constant per class, so class errors are known in closed form."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.bias = torch.tensor(bias, dtype=torch.float32)
+
+    def forward(self, zt, t, class_labels):
+        return types.SimpleNamespace(sample=torch.zeros_like(zt) + self.bias[class_labels].view(-1, 1, 1, 1))
+
+
+def _fake_teacher(bias) -> Teacher:
+    cfg = ModelConfig(classes=tuple(f"c{i}" for i in range(len(bias))), unet_channels=TINY)
+    from export.models import AutoEncoder, build_scheduler
+
+    ae = AutoEncoder(cfg)
+    return Teacher(cfg=cfg, ae=ae, unet=_BiasUnet(bias), latent_scale=torch.ones(1, 8, 1, 1),
+                   abar=build_scheduler(cfg).alphas_cumprod.float(), mask=disc_mask(cfg), meta={})
+
+
+def test_pruning_removes_clearly_worse_class_and_keeps_a_tie():
+    teacher = _fake_teacher([0.0, 0.0, 1.0])  # c0 and c1 tie exactly, c2 is much worse
+    cell = np.full((3, 64, 64), 128, np.uint8)
+    res = classify_cell(teacher, cell, ClassifierConfig(max_trials=32, min_trials=8, test_every=8), np.random.default_rng(0))
+    assert res.trials[2] == 8  # pruned at the first test
+    assert res.trials[0] == res.trials[1] == 32  # the tie is never pruned
+    assert res.label in (0, 1) and res.errors[2] > res.errors[0] + 0.5
+    assert res.evals == 8 * 3 + 24 * 2
+    no_prune = classify_cell(teacher, cell, ClassifierConfig(max_trials=32, prune=False), np.random.default_rng(0))
+    assert no_prune.evals == 32 * 3 and no_prune.evals > res.evals
+
+
+def test_noise_is_shared_across_classes():
+    """With a denoiser that ignores the class, every class sees the same noise, so errors are identical."""
+    teacher = _fake_teacher([0.3, 0.3, 0.3, 0.3])
+    res = classify_cell(teacher, np.full((3, 64, 64), 90, np.uint8), ClassifierConfig(max_trials=16),
+                        np.random.default_rng(1))
+    assert np.ptp(res.errors) == 0.0
+
+
+def test_zeta_clear_winner_beats_three_way_tie():
+    clear = np.array([0.2, 1.0, 1.05, 1.1, 1.0, 1.02, 0.98, 1.01])
+    tie = np.array([0.2, 0.2, 0.2, 1.1, 1.0, 1.02, 0.98, 1.01])
+    assert zeta_score(clear) > zeta_score(tie)
+
+
+def test_timesteps_spread_over_schedule():
+    ts = spread_timesteps(8, 50, 950)
+    assert len(set(ts.tolist())) == 8 and ts.min() >= 50 and ts.max() <= 950
+    assert ts[:2].min() < 400 and ts[:2].max() > 450  # the first trials already cover both halves
