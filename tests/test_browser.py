@@ -243,8 +243,8 @@ def test_non_loopback_monitor_needs_its_token(demo_db, page, tmp_path):
         resp = page.goto(base + f"?token={TOKEN}")
         assert resp.status == 200
         page.wait_for_selector("#queue .card")  # the API and the event stream work through the cookie
-        assert json.loads(page.goto(base + "api/state").text())["slide"] == "DEMO-001"
         page.screenshot(path=str(tmp_path / "token.png"))
+        assert json.loads(page.goto(base + "api/state").text())["slide"] == "DEMO-001"
     finally:
         mon.stop()
         ctx.term()
