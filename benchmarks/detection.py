@@ -64,7 +64,7 @@ def evaluate(frames, config: DetectConfig, um_per_px: float | None = None, scale
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bccd", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bccd"))
-    ap.add_argument("--json", default="benchmarks/results/detection.json", help="where to write the figures")
+    ap.add_argument("--json", default="benchmarks/out/detection.json", help="where to write the figures")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N frames (0 = all)")
     ap.add_argument("--um-per-px", type=float, default=None, help="give the detector the scale (default: it measures it)")
     ap.add_argument("--scale", type=float, nargs="*", default=[1.0],

@@ -167,7 +167,7 @@ def main() -> int:
     ap.add_argument("--queue-size", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--json", default="benchmarks/results/latency.json")
+    ap.add_argument("--json", default="benchmarks/out/latency.json")
     args = ap.parse_args()
 
     frames = load_frames(Path(args.frames_dir), args.n_frames)

@@ -142,6 +142,9 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         evals = int(m["evals_per_cell"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{root / MANIFEST}: bad input spec or evals_per_cell ({exc})") from exc
+    if not isinstance(m["timesteps"], list) or evals != len(classes) * len(m["timesteps"]):
+        raise BundleError(f"{root / MANIFEST}: evals_per_cell {evals} is not classes x timesteps "
+                          f"({len(classes)} x {len(m['timesteps']) if isinstance(m['timesteps'], list) else '?'})")
 
     bundle_id = compute_bundle_id(files)
     if m.get("bundle_id", bundle_id) != bundle_id:

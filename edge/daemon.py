@@ -38,7 +38,8 @@ from edge.storage import Store, label_counts, max_track
 from edge.track import TrackConfig, Tracker
 
 log = logging.getLogger("cytoedge.daemon")
-STAGES = ("decode", "detect", "track", "preprocess", "infer", "post", "store", "publish")
+WINDOW_PX = 192  # largest side of the window handed to normalise_cell, px
+MAX_SEQ_GAP = 10000  # a larger jump in seq is a publisher restart, not frames lost
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class Daemon:
             return
         hd = frame.header
         last = self.last_seq.get(hd.slide)
-        if last is not None and hd.seq > last + 1:
+        if last is not None and last + 1 < hd.seq <= last + MAX_SEQ_GAP:
             m.dropped.inc(hd.seq - last - 1, "lost")
         self.last_seq[hd.slide] = hd.seq  # a lower seq: the publisher restarted; follow it
         if len(self.last_seq) > 10000:  # bounded: forget the oldest slides
@@ -420,7 +421,9 @@ class Daemon:
                 continue
             cx, cy, diam = det.nucleus
             side = max(det.box[2] - det.box[0], det.box[3] - det.box[1]) * c.window
-            window = crop_around(rgb, cx, cy, side, max(8, int(round(side))))
+            # At most WINDOW_PX across: normalise_cell works on a ~160 px copy anyway, and the model was trained
+            # on crops made from images of that size.
+            window = crop_around(rgb, cx, cy, side, max(8, min(int(round(side)), WINDOW_PX)))
             crop = normalise_cell(window, size=self.crop_size).crop
             st["queued"] = st.get("queued", 0) + 1
             p.new.append((track, det, crop))
@@ -432,9 +435,10 @@ class Daemon:
         return p
 
     def _flush(self, pending: list[Pending]) -> None:
-        """Infer every queued crop, decide, then store and publish each frame in order."""
+        """Infer every queued crop, decide; then store all the frames in one commit and publish them in order."""
         m, c = self.metrics, self.config
         todo = [(p, track, det, crop) for p in pending for track, det, crop in p.new]
+        rows: dict[int, list[dict]] = {id(p): [] for p in pending}  # cell records first decided in each frame
         infer_ms = post_ms = 0.0
         if todo:
             outs = {"logits": [], "errors": [], "anomaly": []}
@@ -451,21 +455,17 @@ class Daemon:
             t1 = time.perf_counter()
             outs = {k: np.concatenate(v) for k, v in outs.items()}
             # Pool views per track: the mean of the engine outputs over the views so far.
-            pooled = {"logits": np.empty_like(outs["logits"]), "errors": np.empty_like(outs["errors"]),
-                      "anomaly": np.empty_like(outs["anomaly"])}
+            pooled = {k: np.empty_like(v) for k, v in outs.items()}
             for i, (_, track, _, _) in enumerate(todo):
                 st = track.state
-                for k in pooled:
-                    st["sum_" + k] = st.get("sum_" + k, 0.0) + outs[k][i]
                 st["views"] = st.get("views", 0) + 1
                 st["queued"] -= 1
                 for k in pooled:
+                    st["sum_" + k] = st.get("sum_" + k, 0.0) + outs[k][i]
                     pooled[k][i] = st["sum_" + k] / st["views"]
-            decisions = decide(pooled, self.classes, self.bundle.calibration)
-            for (p, track, det, crop), d in zip(todo, decisions):
-                st = track.state
+            for (p, track, det, crop), d in zip(todo, decide(pooled, self.classes, self.bundle.calibration)):
+                st, counts = track.state, p.slide.counts
                 old = st.get("decision")
-                counts = p.slide.counts
                 if old is None:
                     counts[d.label] = counts.get(d.label, 0) + 1
                     m.cells.inc(1, d.state)
@@ -473,49 +473,47 @@ class Daemon:
                     counts[old.label] -= 1
                     counts[d.label] = counts.get(d.label, 0) + 1
                 st["decision"] = d
-                st["row"] = {"id": f"{p.slide.id}#{track.id}", "slide": p.slide.id, "track": track.id,
-                             "frame_seq": p.frame.header.seq, "t_ns": p.frame.header.t_ns, "box": list(det.box),
-                             "label": d.label, "p": d.p, "probs": d.probs, "state": d.state, "anomaly": d.anomaly,
-                             "reason": d.reason, "bundle_id": self.bundle.bundle_id, "views": st["views"], "crop": crop}
-                st.setdefault("rows_for", []).append(p)
+                rows[id(p)].append({"id": f"{p.slide.id}#{track.id}", "slide": p.slide.id, "track": track.id,
+                                    "frame_seq": p.frame.header.seq, "t_ns": p.frame.header.t_ns, "box": list(det.box),
+                                    "label": d.label, "p": d.p, "probs": d.probs, "state": d.state,
+                                    "anomaly": d.anomaly, "reason": d.reason, "bundle_id": self.bundle.bundle_id,
+                                    "views": st["views"], "crop": crop})
             post_ms = (time.perf_counter() - t1) * 1e3
             m.stage_ms.observe(post_ms, "post")
-        for p in pending:
-            self._finish(p, infer_ms if p.new else 0.0, post_ms if p.new else 0.0)
 
-    def _finish(self, p: Pending, infer_ms: float, post_ms: float) -> None:
-        m, hd = self.metrics, p.frame.header
         t0 = time.perf_counter()
-        cells, rows = [], []
-        for track, det in p.cells:
-            d = track.state.get("decision")
-            if d is None:
-                continue
-            cid = f"{p.slide.id}#{track.id}"
-            cells.append({"id": cid, "track": track.id, "box": list(det.box), "label": d.label, "p": round(d.p, 6),
-                          "state": d.state, "anomaly": round(float(d.anomaly), 6)})
-            if p in track.state.get("rows_for", []):
-                rows.append(track.state["row"])
-                track.state["rows_for"].remove(p)
-        t_done = time.time_ns()
         dropped = m.dropped_total()
-        counts = {k: v for k, v in sorted(p.slide.counts.items()) if v > 0}
-        self.store.commit_frame({"slide": hd.slide, "seq": hd.seq, "t_ns": hd.t_ns, "t_done_ns": t_done,
-                                 "cell_ids": [x["id"] for x in cells], "dropped": dropped,
-                                 "bundle_id": self.bundle.bundle_id}, rows)
-        for row in rows:
-            row["crop"] = None  # stored; do not keep crops in memory for the whole slide
+        records, messages = [], []
+        for p in pending:
+            hd = p.frame.header
+            cells = []
+            for track, det in p.cells:
+                d = track.state.get("decision")
+                if d is not None:
+                    cells.append({"id": f"{p.slide.id}#{track.id}", "track": track.id, "box": list(det.box),
+                                  "label": d.label, "p": round(d.p, 6), "state": d.state,
+                                  "anomaly": round(float(d.anomaly), 6)})
+            t_done = time.time_ns()
+            records.append(({"slide": hd.slide, "seq": hd.seq, "t_ns": hd.t_ns, "t_done_ns": t_done,
+                             "cell_ids": [x["id"] for x in cells], "dropped": dropped,
+                             "bundle_id": self.bundle.bundle_id}, rows[id(p)]))
+            flags: dict[str, Any] = {"seq": hd.seq, "slide": hd.slide, "t_ns": hd.t_ns, "t_done_ns": t_done,
+                                     "cells": cells, "counts": {k: v for k, v in sorted(p.slide.counts.items()) if v > 0},
+                                     "dropped": dropped}
+            if c.timing:
+                flags["timing_ms"] = {k: round(v, 3) for k, v in
+                                      {**p.timing, "infer": infer_ms if p.new else 0.0,
+                                       "post": post_ms if p.new else 0.0}.items()}
+            messages.append(flags)
+        self.store.commit_frames(records)  # durable before anything is published
         t1 = time.perf_counter()
         store_ms = (t1 - t0) * 1e3
         m.stage_ms.observe(store_ms, "store")
-        flags: dict[str, Any] = {"seq": hd.seq, "slide": hd.slide, "t_ns": hd.t_ns, "t_done_ns": t_done,
-                                 "cells": cells, "counts": counts, "dropped": dropped}
-        if self.config.timing:
-            flags["timing_ms"] = {k: round(v, 3) for k, v in
-                                  {**p.timing, "infer": infer_ms, "post": post_ms, "store": store_ms}.items()}
-        self.pub.send_multipart(encode_flags(flags))
-        publish_ms = (time.perf_counter() - t1) * 1e3
-        m.stage_ms.observe(publish_ms, "publish")
-        m.processed.inc()
-        m.latency_ms.observe((time.time_ns() - hd.t_ns) / 1e6)
+        for flags in messages:
+            if c.timing:
+                flags["timing_ms"]["store"] = round(store_ms, 3)
+            self.pub.send_multipart(encode_flags(flags))
+            m.processed.inc()
+            m.latency_ms.observe((time.time_ns() - flags["t_ns"]) / 1e6)
+        m.stage_ms.observe((time.perf_counter() - t1) * 1e3, "publish")
         self.last_frame = time.monotonic()

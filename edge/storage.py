@@ -138,34 +138,43 @@ class Store:
         cells: id, slide, track, frame_seq, t_ns, box [4], label, p, probs {class: p}, state, anomaly,
         reason, bundle_id, views, crop (uint8 RGB [S, S, 3] or None). Returns once the commit is durable.
         """
+        self.commit_frames([(frame, cells)])
+
+    def commit_frames(self, frames: list[tuple[dict, list[dict]]]) -> None:
+        """Several ``(frame, cells)`` as in ``commit_frame``, in one transaction (one sync to disk)."""
         now = time.time_ns()
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.execute("INSERT INTO slides(id, first_ns, last_ns, frames) VALUES (?, ?, ?, 1) "
-                      "ON CONFLICT(id) DO UPDATE SET last_ns=excluded.last_ns, frames=frames+1",
-                      (frame["slide"], frame["t_ns"], frame["t_ns"]))
-            for cell in cells:
-                crop = cell.get("crop")
-                blob = encode_png(crop) if crop is not None and cell["state"] in ("review", "abnormal") else None
-                x0, y0, x1, y1 = (int(v) for v in cell["box"])
-                c.execute(
-                    "INSERT INTO cells(id, slide, track, frame_seq, t_ns, x0, y0, x1, y1, label, p, probs, state, "
-                    "anomaly, reason, bundle_id, views, crop, updated_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                    "ON CONFLICT(id) DO UPDATE SET label=excluded.label, p=excluded.p, probs=excluded.probs, "
-                    "state=excluded.state, anomaly=excluded.anomaly, reason=excluded.reason, views=excluded.views, "
-                    "crop=COALESCE(excluded.crop, cells.crop), updated_ns=excluded.updated_ns",
-                    (cell["id"], cell["slide"], int(cell["track"]), int(cell["frame_seq"]), int(cell["t_ns"]),
-                     x0, y0, x1, y1, cell["label"], float(cell["p"]), json.dumps(cell["probs"]), cell["state"],
-                     float(cell["anomaly"]), cell.get("reason", ""), cell["bundle_id"], int(cell.get("views", 1)),
-                     blob, now))
-            c.execute("INSERT INTO frames(slide, seq, t_ns, t_done_ns, cell_ids, dropped, bundle_id) VALUES (?,?,?,?,?,?,?)",
-                      (frame["slide"], int(frame["seq"]), int(frame["t_ns"]), int(frame["t_done_ns"]),
-                       json.dumps(frame["cell_ids"]), int(frame["dropped"]), frame["bundle_id"]))
+            for frame, cells in frames:
+                self._write(frame, cells, now)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    def _write(self, frame: dict, cells: list[dict], now: int) -> None:
+        c = self.conn
+        c.execute("INSERT INTO slides(id, first_ns, last_ns, frames) VALUES (?, ?, ?, 1) "
+                  "ON CONFLICT(id) DO UPDATE SET last_ns=excluded.last_ns, frames=frames+1",
+                  (frame["slide"], frame["t_ns"], frame["t_ns"]))
+        for cell in cells:
+            crop = cell.get("crop")
+            blob = encode_png(crop) if crop is not None and cell["state"] in ("review", "abnormal") else None
+            x0, y0, x1, y1 = (int(v) for v in cell["box"])
+            c.execute(
+                "INSERT INTO cells(id, slide, track, frame_seq, t_ns, x0, y0, x1, y1, label, p, probs, state, "
+                "anomaly, reason, bundle_id, views, crop, updated_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET label=excluded.label, p=excluded.p, probs=excluded.probs, "
+                "state=excluded.state, anomaly=excluded.anomaly, reason=excluded.reason, views=excluded.views, "
+                "crop=COALESCE(excluded.crop, cells.crop), updated_ns=excluded.updated_ns",
+                (cell["id"], cell["slide"], int(cell["track"]), int(cell["frame_seq"]), int(cell["t_ns"]),
+                 x0, y0, x1, y1, cell["label"], float(cell["p"]), json.dumps(cell["probs"]), cell["state"],
+                 float(cell["anomaly"]), cell.get("reason", ""), cell["bundle_id"], int(cell.get("views", 1)),
+                 blob, now))
+        c.execute("INSERT INTO frames(slide, seq, t_ns, t_done_ns, cell_ids, dropped, bundle_id) VALUES (?,?,?,?,?,?,?)",
+                  (frame["slide"], int(frame["seq"]), int(frame["t_ns"]), int(frame["t_done_ns"]),
+                   json.dumps(frame["cell_ids"]), int(frame["dropped"]), frame["bundle_id"]))
 
 
 # ---- queries (the daemon at start-up, the monitor, tests) ----

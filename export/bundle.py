@@ -95,7 +95,7 @@ def write_bundle(out_dir: str | Path, files: dict[str, str | Path], *, name: str
 
 def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], noise_seed: int,
                  weights: list[float] | None, calib_cells, scale_cells=None, logit_scale: float | None = None, precisions=("fp32", "int8"),
-                 default_precision: str = "fp32", int8_preset: str = "tail+ends", calibration: dict | None = None,
+                 default_precision: str = "fp32", int8_preset: str = "tail", calibration: dict | None = None,
                  teacher_files: dict[str, str | Path] | None = None, name: str = "cytoedge-engine",
                  training_data: dict | None = None, metrics: dict | None = None, progress=None) -> dict:
     """Build the engine from ``model`` (a loaded Teacher-like object) with ``unet`` as the denoiser (None =
@@ -171,3 +171,17 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
                                 versions=runtime_versions(OPSET), extra=extra)
     say(f"wrote bundle {out_dir} (bundle_id {manifest['bundle_id']})")
     return manifest
+
+
+def set_manifest_fields(bundle_dir: str | Path, **fields) -> dict:
+    """Rewrite manifest.json of a bundle being built with ``fields`` replaced (e.g. precision, metrics);
+    file hashes are untouched. Returns the new manifest. BundleError if ``precision`` names no engine."""
+    from edge.bundle import _atomic_write, _read_manifest
+
+    root = Path(bundle_dir)
+    m = _read_manifest(root)
+    m.update(fields)
+    if m["precision"] not in m["engines"]:
+        raise BundleError(f"{root}: precision {m['precision']!r} has no engine (engines: {', '.join(m['engines'])})")
+    _atomic_write(root / MANIFEST, (json.dumps(m, indent=2) + "\n").encode())
+    return m

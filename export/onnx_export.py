@@ -18,34 +18,28 @@ INPUT = "cells"
 OUTPUTS = ("logits", "errors", "anomaly")
 
 
-class _HalfBody(nn.Module):
+class _HalfInput(nn.Module):
+    """Wraps the encoder conv of a float16 engine: casts its float32 input (from the uint8 scaling) to float16."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.half())
+
+
+class _HalfEngine(nn.Module):
     """Runs an Engine in float16 between a uint8 input and float32 outputs (the I/O contract is unchanged)."""
 
     def __init__(self, engine: nn.Module):
         super().__init__()
-        self.engine = engine
+        self.engine = copy.deepcopy(engine).half()
+        self.engine.encoder = _HalfInput(self.engine.encoder)
 
     def forward(self, cells: torch.Tensor):
         logits, errors, anomaly = self.engine(cells)
         return logits.float(), errors.float(), anomaly.float()
-
-
-def _half_engine(engine: nn.Module) -> nn.Module:
-    """A float16 copy of ``engine`` whose input cast (uint8 -> float) produces float16."""
-    half = copy.deepcopy(engine).half()
-    # Engine.class_errors does cells.float(); under a half module the first conv needs half input.
-    enc = half.encoder
-
-    class _Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = enc
-
-        def forward(self, x):
-            return self.conv(x.half())
-
-    half.encoder = _Enc()
-    return _HalfBody(half)
 
 
 def export_onnx(engine: nn.Module, path: str | Path, crop_size: int, precision: str = "fp32",
@@ -61,7 +55,7 @@ def export_onnx(engine: nn.Module, path: str | Path, crop_size: int, precision: 
         raise ValueError(f"export_onnx: precision must be fp32 or fp16, got {precision!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = engine if precision == "fp32" else _half_engine(engine)
+    module = engine if precision == "fp32" else _HalfEngine(engine)
     module.eval()
     example = torch.randint(0, 256, (example_batch, 3, crop_size, crop_size), dtype=torch.uint8)
     dyn = {INPUT: {0: "N"}, **{name: {0: "N"} for name in OUTPUTS}}

@@ -95,7 +95,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "bundle"
     build_bundle(out, model, None, timesteps=TINY_TIMESTEPS, noise_seed=TINY_NOISE_SEED, weights=None,
                  calib_cells=random_cells(16), precisions=("fp32", "int8"), default_precision="fp32",
-                 int8_preset="tail+ends", calibration=synthetic_calibration(list(model.cfg.classes)),
+                 int8_preset="tail", calibration=synthetic_calibration(list(model.cfg.classes)),
                  teacher_files=save_tiny_teacher(model, work), name="tiny-random",
                  training_data={"note": "random weights, no training (test fixture)"})
     return out

@@ -74,6 +74,14 @@ def test_newer_format_is_refused_saying_which_this_runtime_reads(bundle_dir):
         load_bundle(bundle_dir)
 
 
+def test_inconsistent_evals_per_cell_is_refused(bundle_dir):
+    m = read_manifest(bundle_dir)
+    m["evals_per_cell"] = 4
+    (bundle_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"evals_per_cell 4 is not classes x timesteps \(8 x 2\)"):
+        load_bundle(bundle_dir)
+
+
 def test_missing_or_broken_manifest_is_refused(bundle_dir, tmp_path):
     with pytest.raises(BundleError, match="bundle folder not found"):
         load_bundle(tmp_path / "nowhere")

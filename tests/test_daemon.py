@@ -203,14 +203,15 @@ def running(tiny_bundle, slide_image, tmp_path_factory):
 def _still_serving(d: DaemonProc, cam: Camera, sub: zmq.Socket, big: np.ndarray, seq: int) -> None:
     """A good frame after the bad ones still gives its flags message (and nothing else is pending)."""
     assert d.proc.poll() is None
+    seq0 = seq
     sub.setsockopt(zmq.RCVTIMEO, 500)
     try:
         for _ in range(200):
-            t = cam.send(window(big, 3), seq, slide="after")
+            t = cam.send(window(big, 3), seq, slide=f"after{seq0}")
             try:
                 while True:
                     g = parse_flags(sub.recv_multipart())
-                    if g["slide"] == "after" and g["seq"] == seq and g["t_ns"] == t:
+                    if g["slide"] == f"after{seq0}" and g["seq"] == seq and g["t_ns"] == t:
                         return
             except zmq.Again:
                 seq += 1
@@ -278,6 +279,20 @@ def test_a_flood_is_dropped_counted_and_memory_stays_bounded(running):
     assert len(flood_lines) <= 2  # 3000 bad messages, logged once (the interval here is an hour)
 
 
+def test_seq_gaps_are_counted_as_dropped(running):
+    d, cam, sub, big = running
+    _still_serving(d, cam, sub, big, 7000)  # connected and idle
+    got = []
+    for seq in (0, 1, 5, 6, 3):  # 2-4 never arrive; 3 after 6 is a publisher restart, not a loss
+        t = cam.send(window(big, seq), seq, slide="gaps")
+        while True:
+            g = parse_flags(sub.recv_multipart())
+            if g["slide"] == "gaps" and g["t_ns"] == t:
+                got.append(g["dropped"])
+                break
+    assert [x - got[0] for x in got] == [0, 0, 3, 3, 3]
+
+
 def test_a_message_over_the_transport_limit_resets_the_connection_and_it_recovers(running):
     d, cam, sub, big = running
     before = d.metrics().get("cytoedge_frames_disconnects_total", 0)
@@ -316,7 +331,7 @@ def test_kill_9_mid_stream_loses_nothing_published(tiny_bundle, slide_image, ctx
     received: list[dict] = []
 
     def stream(d: DaemonProc, first_seq: int, n: int, kill_after: int | None):
-        sub = flags_socket(ctx, d.flags_ep, timeout_ms=3000)
+        sub = flags_socket(ctx, d.flags_ep, timeout_ms=8000)
         warm_up(cam, sub, window(slide_image, 0), slide=f"warm{first_seq}")
         stop = threading.Event()
 

@@ -29,9 +29,11 @@ class ExportConfig:
     splits: str = ""  # "" = <teacher>/splits.npz (train / val / cal indices into the cache)
     calib_cells: int = 256  # INT8 calibration set: stratified sample of the training split
     calib_seed: int = 0
-    int8_preset: str = "tail+ends"  # which nodes stay float (export.quantize.EXCLUDE_PRESETS)
+    int8_preset: str = "tail"  # which nodes stay float (export.quantize.EXCLUDE_PRESETS)
     precisions: tuple[str, ...] = ("fp32", "int8", "fp16")
-    default_precision: str = "fp32"  # what the runtime runs when no precision is named
+    default_precision: str = "auto"  # what the runtime runs by default; auto = int8 if it keeps agreement and is faster
+    min_int8_agreement: float = 0.99  # auto: INT8 vs FP32 label agreement required on validation cells
+    choice_cells: int = 512  # auto: validation cells used to measure agreement
     calibrate: bool = True  # fit calibration.json on the cache's held-out 'cal' split with the shipped engine
     alpha: float = 0.01  # calibration: error bound among accepted cells
     delta: float = 0.1
@@ -61,7 +63,7 @@ def _data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="crop cache .npz (default runs/cache/pbc64.npz)")
     p.add_argument("--splits", help="splits .npz with train/val/cal indices (default <teacher>/splits.npz)")
     p.add_argument("--calib-cells", type=int, help="INT8 calibration cells from the training split (default 256)")
-    p.add_argument("--int8-preset", help="nodes kept in float: tail, tail+out or tail+ends (default tail+ends)")
+    p.add_argument("--int8-preset", help="nodes kept in float: tail, tail+out or tail+ends (default tail)")
 
 
 def _add_onnx(sub) -> None:
@@ -95,7 +97,9 @@ def _add_bundle(sub) -> None:
     _data(p)
     p.add_argument("--precisions", type=lambda s: tuple(s.split(",")), metavar="P1,P2",
                    help="engines to ship among fp32,int8,fp16 (default all three)")
-    p.add_argument("--default-precision", help="precision the runtime uses by default (default fp32)")
+    p.add_argument("--default-precision", choices=("auto", "fp32", "int8", "fp16"),
+                   help="precision the runtime uses by default; auto (default) measures INT8 against FP32 on "
+                   "validation cells and ships INT8 only if labels agree on >= 99%% of them and it is faster")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
                    help="ship the bundle uncalibrated (every cell goes to review until `cytoedge calibrate`)")
     p.add_argument("--no-teacher", dest="ship_teacher", action="store_const", const=False,
@@ -239,6 +243,44 @@ def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
     return cal
 
 
+def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[str, dict]:
+    """Measure INT8 against FP32 (ONNX Runtime, this CPU) on validation cells: label agreement and cells/s at
+    batch 32 (alternating runs, medians). INT8 is chosen when agreement >= cfg.min_int8_agreement and it is faster."""
+    import time
+
+    import numpy as np
+
+    from calibration.calibset import stratified_sample
+    from edge.backends import load_backend
+    from edge.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if "int8" not in bundle.engines or "fp32" not in bundle.engines:
+        return "fp32" if "fp32" in bundle.engines else next(iter(bundle.engines)), {}
+    split = data.get("val", data["train"])
+    idx = split[stratified_sample(data["labels"][split], cfg.choice_cells, seed=1)]
+    cells = np.ascontiguousarray(data["crops"][idx].transpose(0, 3, 1, 2))
+    be = {p: load_backend("onnxruntime", bundle, p, intra_op_num_threads=cfg.threads) for p in ("fp32", "int8")}
+    _say(f"measuring INT8 against FP32 on {len(cells)} validation cells")
+    labels = {p: b.infer(cells)["logits"].argmax(1) for p, b in be.items()}
+    agreement = float(np.mean(labels["fp32"] == labels["int8"]))
+    times: dict[str, list[float]] = {p: [] for p in be}
+    batch = cells[:32]
+    for _ in range(5):
+        for p, b in be.items():
+            t = time.perf_counter()
+            b.infer(batch)
+            times[p].append(time.perf_counter() - t)
+    cps = {p: len(batch) / float(np.median(v)) for p, v in times.items()}
+    keep = agreement >= cfg.min_int8_agreement
+    chosen = "int8" if keep and cps["int8"] > cps["fp32"] else "fp32"
+    reason = (f"INT8 agrees with FP32 on {100 * agreement:.1f}% of {len(cells)} validation cells "
+              f"({'>=' if keep else '<'} {100 * cfg.min_int8_agreement:g}%); {cps['int8']:.1f} vs {cps['fp32']:.1f} cells/s")
+    _say(f"default precision {chosen}: {reason}")
+    return chosen, {"agreement": agreement, "n_cells": int(len(cells)), "cells_per_s": cps, "chosen": chosen,
+                    "reason": reason, "min_agreement": cfg.min_int8_agreement}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "tensorrt":  # runs on the GPU box: no torch
         return run_tensorrt(args)
@@ -271,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from edge.bundle import update_bundle_file
-    from export.bundle import build_bundle
+    from export.bundle import build_bundle, set_manifest_fields
 
     if out.exists():
         raise InputError(f"{out}: already exists; give a new bundle folder")
@@ -296,8 +338,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         build_bundle(partial, teacher, unet, timesteps=ts, noise_seed=seed, weights=list(cfg.weights) or None,
                      calib_cells=cells, logit_scale=scale, precisions=cfg.precisions,
-                     default_precision=cfg.default_precision, int8_preset=cfg.int8_preset, teacher_files=teacher_files,
+                     default_precision="fp32" if cfg.default_precision == "auto" else cfg.default_precision,
+                     int8_preset=cfg.int8_preset, teacher_files=teacher_files,
                      name=cfg.name, training_data=training_data, metrics=metrics, progress=_say)
+        if cfg.default_precision == "auto":
+            chosen, choice = _choose_precision(cfg, partial, data)
+            if choice:
+                metrics["int8_vs_fp32"] = choice
+            set_manifest_fields(partial, precision=chosen, metrics=metrics)
         if cfg.calibrate:
             cal = _fit_calibration(cfg, partial, data)
             update_bundle_file(partial, "calibration.json", (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
