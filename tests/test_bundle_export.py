@@ -1,7 +1,6 @@
 """``cytoedge export``: the onnx and bundle actions end to end on a tiny random teacher and a tiny crop cache."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
