@@ -69,6 +69,7 @@ def test_evaluate_report(tmp_path, capsys):
     (["evaluate", "/nonexistent.jsonl", "--data", "."], "predictions file not found"),
 ])
 def test_expected_errors_are_one_line_no_traceback(argv, message, tmp_path):
+    (tmp_path / "x.png").write_bytes(b"inputs are listed before the bundle is opened")
     res = subprocess.run([sys.executable, "-m", "edge.cli", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
