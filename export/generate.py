@@ -11,8 +11,14 @@ from export.teacher import Teacher
 
 
 @torch.no_grad()
-def sample_cells(teacher: Teacher, label: str, n: int, seed: int = 0, steps: int = 50, batch: int = 64) -> np.ndarray:
-    """Sample ``n`` cells of class ``label`` with deterministic DDIM (eta = 0) -> uint8 RGB [n, S, S, 3]."""
+def sample_cells(teacher: Teacher, label: str, n: int, seed: int = 0, steps: int = 50, batch: int = 64,
+                 guidance: float = 2.0) -> np.ndarray:
+    """Sample ``n`` cells of class ``label`` with deterministic DDIM (eta = 0) -> uint8 RGB [n, S, S, 3].
+
+    The teacher has no unconditional mode, so guidance contrasts the class with the mean of all classes:
+    eps = eps_c + guidance * (eps_c - mean_k eps_k). guidance = 0 is plain conditional sampling; the class
+    condition alone changes a sample little (it is what the classifier reads, not what shapes the cell).
+    """
     from diffusers import DDIMScheduler
 
     classes = list(teacher.cfg.classes)
@@ -30,8 +36,12 @@ def sample_cells(teacher: Teacher, label: str, n: int, seed: int = 0, steps: int
         m = min(batch, n - start)
         z = torch.randn((m, c, s, s), generator=gen)
         y = torch.full((m,), classes.index(label), dtype=torch.long)
+        k = len(classes)
         for t in sched.timesteps:
             eps = teacher.eps(z, t.repeat(m), y)
+            if guidance:
+                every = teacher.eps(z.repeat(k, 1, 1, 1), t.repeat(m * k), torch.arange(k).repeat_interleave(m))
+                eps = eps + guidance * (eps - every.view(k, m, *z.shape[1:]).mean(0))
             z = sched.step(eps, t, z).prev_sample
         x = teacher.ae.decode(z / teacher.latent_scale)
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())

@@ -12,6 +12,8 @@ def register(sub) -> None:
     p.add_argument("--bundle", help="model bundle folder (default: the bundled model)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="class-contrast guidance: eps_c + g * (eps_c - mean over classes); 0 = plain (default 2)")
     p.set_defaults(func=run)
 
 
@@ -22,6 +24,6 @@ def run(args) -> int:
 
     bundle = load_bundle(args.bundle)
     teacher = load_teacher(bundle.root)
-    paths = write_samples(sample_cells(teacher, args.label, args.n, seed=args.seed, steps=args.steps), args.out, args.label)
+    paths = write_samples(sample_cells(teacher, args.label, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance), args.out, args.label)
     print(f"wrote {len(paths) - 1} cells and {paths[-1]}")
     return 0
