@@ -235,10 +235,14 @@ def test_report_html_csv_and_export(monitor, db, tmp_path):
 
 def _events(mon, want, deadline_s=20.0, publish=None):
     """Read /events until ``want(event, data)`` is true -> [(event, data)] seen; ``publish`` is called between reads."""
-    conn = http.client.HTTPConnection("127.0.0.1", mon.port, timeout=0.5)
-    conn.request("GET", "/events")
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    def open_stream():
+        c = http.client.HTTPConnection("127.0.0.1", mon.port, timeout=0.5)
+        c.request("GET", "/events")
+        r = c.getresponse()
+        assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+        return c, r
+
+    conn, resp = open_stream()
     seen, event, buf = [], None, b""
     end = time.monotonic() + deadline_s
     try:
@@ -248,6 +252,10 @@ def _events(mon, want, deadline_s=20.0, publish=None):
             try:
                 chunk = resp.fp.read1(65536)
             except TimeoutError:
+                # a socket file that timed out cannot be read again: reconnect (the stream re-sends state)
+                conn.close()
+                conn, resp = open_stream()
+                buf = b""
                 continue
             buf += chunk
             while b"\n" in buf:
