@@ -106,6 +106,11 @@ def disc_mask(cfg: ModelConfig) -> torch.Tensor:
     return (m / m.mean())[None, None]
 
 
+def set_threads(n: int) -> None:
+    """torch CPU threads for this process (1 when other work shares the CPU: spinning OpenMP threads stall)."""
+    torch.set_num_threads(n)
+
+
 def to_unit(cells_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> float32 [N, 3, S, S] in [-1, 1]."""
     return cells_u8.float() / 127.5 - 1.0

@@ -284,10 +284,10 @@ def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[
 def run(args: argparse.Namespace) -> int:
     if args.action == "tensorrt":  # runs on the GPU box: no torch
         return run_tensorrt(args)
-    import torch
+    from export.models import set_threads  # the torch side lives in export/, never in edge/
 
     cfg = make_export_config(args)
-    torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(args.out)
     if args.action == "int8":
         from export.quantize import quantize_int8
