@@ -74,3 +74,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         values.update(data)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return make_config(cls, values)
+
+
+def config_from_args(cls: type[T], args) -> T:
+    """A CLI namespace -> ``cls``: ``--config`` TOML, overridden by every option named like a field (None = unset)."""
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return load_config(cls, getattr(args, "config", None), overrides)

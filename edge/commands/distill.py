@@ -1,7 +1,6 @@
 """``cytoedge distill``: distill the teacher to a few fixed timesteps (needs the export extra)."""
 from __future__ import annotations
 
-import dataclasses
 
 
 def register(sub) -> None:
@@ -22,11 +21,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from edge.config import load_config
+    from edge.config import config_from_args
     from export.distill import DistillConfig, distill
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(DistillConfig)}
-    cfg = load_config(DistillConfig, args.config, overrides)
+    cfg = config_from_args(DistillConfig, args)
     out = distill(cfg)
     print((out / "distill.json").read_text())
     return 0

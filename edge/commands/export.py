@@ -8,7 +8,6 @@ Actions are registered in ACTIONS; a new one (e.g. ``tensorrt``) adds a ``_add_<
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -162,10 +161,9 @@ def register(subparsers) -> None:
 
 
 def make_export_config(args: argparse.Namespace) -> ExportConfig:
-    from edge.config import load_config
+    from edge.config import config_from_args
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ExportConfig)}
-    return load_config(ExportConfig, getattr(args, "config", None), overrides)
+    return config_from_args(ExportConfig, args)
 
 
 def _engine_parts(cfg: ExportConfig):

@@ -1,7 +1,6 @@
 """``cytoedge train``: train the diffusion teacher on a labelled folder (needs the export extra)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 
@@ -26,12 +25,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from edge.config import load_config
+    from edge.config import config_from_args
     from export.datasets import build_crop_cache, load_labelled_folder
     from export.train import TrainConfig, train
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = config_from_args(TrainConfig, args)
     if args.data and not Path(cfg.cache).exists():
         build_crop_cache(load_labelled_folder(args.data), cfg.cache)
     run_dir = train(cfg)
