@@ -63,7 +63,9 @@ class DaemonConfig:
     um_per_px: float | None = None  # scale of the camera when frames do not carry it (else measured)
     scale_every: int = 10  # measure the red-cell ruler on every Nth frame of a slide (pooled per slide)
     views_per_track: int = 1  # classifications pooled per physical cell (mean of engine outputs)
-    window: float = 1.6  # crop window side / detection box side, around the nucleus centre
+    # crop window side / detection box side, around the nucleus centre. The model crop spans the nucleus group
+    # / NUCLEUS_FILL = 2.4 nucleus diameters, about 2 cell diameters: a smaller window would be padded.
+    window: float = 2.4
     synchronous: str = "FULL"  # SQLite durability: FULL survives power loss, NORMAL only process crashes
     timing: bool = True  # add the optional "timing_ms" field to flags
     log_format: str = "json"  # json | text

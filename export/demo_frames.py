@@ -7,7 +7,9 @@ A frame is composed, never copied: a rendered background of red cells (Beer-Lamb
 discs with a central pallor, overlaps darker, on a cream, unevenly lit background, a few platelets), white
 cells sampled from the teacher (``export.generate.sample_cells``, 64x64 crops normalised like
 ``edge.preprocess``: the nucleus group spans ``NUCLEUS_FILL`` of the crop) matted out of their crop and
-scaled so that their nucleus has its physical size next to 7.5 um red cells, and a few deliberately odd
+scaled so that their nucleus has its physical size next to 7.5 um red cells (sizes measured on PBC, below;
+with ``--oversample k`` each placed cell is the most typical of k teacher draws, as the shipped engine judges
+the raw 64x64 sample: poor draws are not the runtime's fault), and a few deliberately odd
 cells the model has never seen (a blast-like cell: very large, huge pale nucleus with nucleoli, thin blue
 rim; a smudge cell: ragged bare nuclear material). Each *field* is a canvas larger than the frame; its
 frames are windows that drift slowly across it (sub-pixel, a few px per frame) with fresh sensor noise, so
@@ -31,10 +33,14 @@ import numpy as np
 from edge.preprocess import CROP_SIZE, NUCLEUS_FILL
 
 RBC_UM = 7.5
-# Physical sizes per class, um: (whole cell, nucleus group enclosing diameter). Textbook values.
+# Physical sizes per class, um: (whole cell, nucleus group enclosing diameter). The nucleus group is what the
+# runtime normalises on, so it is measured, not taken from a textbook: median ratio of the nucleus group
+# (edge.preprocess.locate_cell) to the red-cell diameter (edge.detect.rbc_diameter_px) on 25 PBC images per
+# class (neutrophil 1.58, lymphocyte 1.30, monocyte 2.12, eosinophil 1.68, basophil 1.83, ig 1.91,
+# erythroblast 1.24), times 7.5 um. Smeared cells spread flat, so they are larger than textbook sizes.
 CELL_UM = {
-    "neutrophil": (12.0, 9.5), "eosinophil": (13.0, 9.5), "basophil": (11.0, 8.0), "lymphocyte": (9.0, 7.5),
-    "monocyte": (16.0, 12.0), "ig": (14.0, 10.5), "erythroblast": (10.0, 7.0),
+    "neutrophil": (15.0, 11.9), "eosinophil": (16.0, 12.6), "basophil": (15.5, 13.7), "lymphocyte": (11.5, 9.75),
+    "monocyte": (19.0, 15.9), "ig": (17.5, 14.3), "erythroblast": (12.0, 9.3),
 }
 ODD_KINDS = ("blast", "smudge")
 # Per field: the white cells placed (teacher or placeholder) and the odd ones (procedural). A normal
@@ -46,9 +52,9 @@ ROSTER = (
     ("neutrophil", "neutrophil", "lymphocyte", "basophil", "ig", "smudge"),
     ("neutrophil", "neutrophil", "neutrophil", "lymphocyte", "monocyte", "erythroblast"),
 )
-BACKGROUND = np.array([238.0, 232.0, 219.0])  # cream, RGB
+BACKGROUND = np.array([253.0, 230.0, 205.0])  # peach, RGB: the median background of PBC crops
 # Absorbance per unit thickness, RGB (Beer-Lambert: I = I0 * exp(-A)). Pink red cells absorb green and blue.
-A_RBC = np.array([0.06, 0.42, 0.34])
+A_RBC = np.array([0.14, 0.26, 0.19])  # PBC-like: pinkish grey, low contrast
 A_PLATELET = np.array([0.45, 0.95, 0.35])
 A_NUCLEUS_PALE = np.array([0.40, 0.78, 0.26])
 A_BLUE_CYTO = np.array([0.42, 0.30, 0.08])
@@ -190,6 +196,26 @@ def placeholder_cells(label: str, n: int, seed: int) -> np.ndarray:
         img = BACKGROUND * np.exp(-A)
         out[k] = np.clip(img + rng.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)
     return out
+
+
+def pick_typical(sample, bundle_dir: str | None, oversample: int):
+    """Wrap ``sample(label, n, seed)``: draw ``oversample`` x n candidates and keep the n that the bundle's engine
+    (ONNX Runtime, calibrated) gives the highest probability of ``label`` on the raw 64x64 crop. Returns
+    (wrapped sampler, bundle id). The demo then shows whether the runtime's detection and cropping keep that."""
+    from edge.backends import load_backend
+    from edge.bundle import load_bundle
+    from edge.postprocess import decide
+
+    bundle = load_bundle(bundle_dir)
+    backend = load_backend("onnxruntime", bundle)
+
+    def wrapped(label: str, n: int, seed: int) -> np.ndarray:
+        cand = sample(label, n * oversample, seed)
+        dec = decide(backend.infer(np.ascontiguousarray(cand.transpose(0, 3, 1, 2))), bundle.classes, bundle.calibration)
+        p = np.array([d.probs.get(label, 0.0) for d in dec])
+        return cand[np.argsort(-p, kind="stable")[:n]]
+
+    return wrapped, bundle.bundle_id
 
 
 def matte_cell(crop: np.ndarray, label: str) -> np.ndarray:
@@ -348,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames-per-field", type=int, default=DemoFramesConfig.frames_per_field)
     p.add_argument("--quality", type=int, default=DemoFramesConfig.quality, help="JPEG quality")
+    p.add_argument("--guidance", type=float, default=2.0, help="class-contrast guidance of the teacher's sampler (0 = plain conditional)")
+    p.add_argument("--oversample", type=int, default=4, help="draw this many teacher samples per placed cell and keep the "
+                   "one the bundle's engine finds most typical of its class (1 = keep every draw)")
+    p.add_argument("--bundle", default=None, help="bundle that picks the typical samples (default: the shipped one)")
     args = p.parse_args(argv)
     cfg = DemoFramesConfig(seed=args.seed, frames_per_field=args.frames_per_field, quality=args.quality)
     if args.placeholder:
@@ -357,13 +387,15 @@ def main(argv: list[str] | None = None) -> int:
         from export.teacher import load_teacher
 
         teacher = load_teacher(args.teacher)
-        sample = lambda label, n, seed: sample_cells(teacher, label, n, seed)  # noqa: E731
+        sample = lambda label, n, seed: sample_cells(teacher, label, n, seed, guidance=args.guidance)  # noqa: E731
         source = "teacher"
         wfile = Path(args.teacher) / "teacher.safetensors"
         import hashlib
 
-        generator = {"cells": "teacher", "teacher": str(args.teacher), "seed": args.seed,
-                     "teacher_sha256": hashlib.sha256(wfile.read_bytes()).hexdigest()}
+        generator = {"cells": "teacher", "teacher": str(args.teacher), "seed": args.seed, "guidance": args.guidance,
+                     "teacher_sha256": hashlib.sha256(wfile.read_bytes()).hexdigest(), "oversample": args.oversample}
+        if args.oversample > 1:
+            sample, generator["picked_by_bundle"] = pick_typical(sample, args.bundle, args.oversample)
     truth = write_demo(Path(args.out), sample, source, cfg, generator)
     size = sum(f.stat().st_size for f in (Path(args.out) / "frames").iterdir())
     n_cells = len({c["cell"] for fr in truth["frames"] for c in fr["cells"]})

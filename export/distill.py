@@ -6,9 +6,12 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
 2. ``teacher_targets.npz``: the same on a stratified sample of training cells: the distillation targets.
 3. ``search.json``: timesteps (pairs/sets from a grid) and then the noise seed, chosen for label agreement of
    the fixed-noise teacher with its own full estimate on a validation subset.
-4. ``student.safetensors``: the teacher's denoiser fine-tuned so that the engine's class errors at those
-   timesteps match the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true
-   labels and a learned, plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
+4. ``student_init.safetensors`` (only for a student narrower than the teacher, ``student_channels``): the
+   narrow denoiser is first trained to imitate the teacher's denoiser on every class at the engine's
+   timesteps (epsilon MSE plus the class-centred error vector), with fresh noise and the fixed noise.
+5. ``student.safetensors``: the student fine-tuned so that the engine's class errors at those timesteps match
+   the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true labels and a
+   learned, plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from calibration.calibset import stratified_sample
 from export.diffusion_classifier import ClassifierConfig, classify_cells
-from export.engine import Engine, build_engine
+from export.engine import Engine, build_engine, student_unet
 from export.teacher import Teacher, load_teacher
 from export.train import _Batches, load_cache
 
@@ -49,6 +52,10 @@ class DistillConfig:
     max_minutes: float = 0.0
     threads: int = 2
     seed: int = 0
+    student_channels: tuple[int, ...] = ()  # () = the teacher's width (fine-tune a copy); narrower = faster engine
+    init_steps: int = 3000  # imitation steps for a narrow student (stage 4)
+    init_batch: int = 8  # cells per imitation step (x every class)
+    init_lr: float = 1e-3
 
 
 def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str) -> dict[str, np.ndarray]:
@@ -88,6 +95,64 @@ def search(teacher: Teacher, cells: np.ndarray, teacher_label: np.ndarray, cfg: 
         if agree > best_agree:
             best_seed, best_agree = seed, agree
     return {"timesteps": best_t, "noise_seed": best_seed, "agreement": best_agree, "n_cells": int(len(cells)), "table": rows}
+
+
+def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+            ts: list[int], seed: int, cfg: DistillConfig, path: Path, progress: bool = True) -> list[float]:
+    """Stage 4: train a narrow ``student`` to reproduce the teacher's denoiser on every class at timesteps near
+    ``ts`` (epsilon MSE + MSE of the class-centred masked error vector, scaled by its batch variance).
+    Half the steps use the engine's fixed noise, half fresh noise. Checkpoints to ``path``.ckpt; writes ``path``.
+    Returns the loss of every step run in this call."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from export.engine import fixed_noise
+
+    k, c, s = len(teacher.cfg.classes), teacher.cfg.latent_channels, teacher.cfg.latent_size
+    fixed = fixed_noise(seed, len(ts), c, s)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.init_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, min(100, cfg.init_steps // 10))) * 0.5 * (1 + math.cos(math.pi * min(i, cfg.init_steps) / cfg.init_steps)))
+    step, ckpt = 0, path.with_suffix(".ckpt")
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        student.load_state_dict(st["student"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"]); step = st["step"]
+    batches = _Batches(crops, labels, train_idx, cfg.init_batch, cfg.seed + 11 + step)
+    gen = torch.Generator().manual_seed(cfg.seed + 13 + step)
+    ts_t = torch.tensor(ts)
+    mask = teacher.mask
+    cls = torch.arange(k).repeat(cfg.init_batch)
+    student.train().requires_grad_(True)
+    losses: list[float] = []
+    bar = tqdm(total=cfg.init_steps, initial=step, desc="imitate", disable=not progress)
+    while step < cfg.init_steps:
+        x, _ = batches.next()
+        with torch.no_grad():
+            z0 = teacher.latents(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        j = torch.randint(0, len(ts), (len(z0),), generator=gen)
+        t = ts_t[j] + torch.randint(-25, 26, (len(z0),), generator=gen) * (step % 4 == 3)  # mostly exactly at ts
+        noise = fixed[j] if step % 2 == 0 else torch.randn(z0.shape, generator=gen)
+        zt = teacher.noisy(z0, t.clamp(0, len(teacher.abar) - 1), noise).repeat_interleave(k, 0)
+        t_k, n_k = t.repeat_interleave(k), noise.repeat_interleave(k, 0)
+        with torch.no_grad():
+            eps_t = teacher.unet(zt, t_k, class_labels=cls).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eps_s = student(zt, t_k, class_labels=cls).sample.float()
+        e_t = ((eps_t - n_k) ** 2 * mask).mean(dim=(1, 2, 3)).view(-1, k)
+        e_s = ((eps_s - n_k) ** 2 * mask).mean(dim=(1, 2, 3)).view(-1, k)
+        d_t, d_s = e_t - e_t.mean(1, keepdim=True), e_s - e_s.mean(1, keepdim=True)
+        loss = F.mse_loss(eps_s, eps_t) + F.mse_loss(d_s, d_t) / d_t.pow(2).mean().clamp_min(1e-12)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step(); sched.step()
+        step += 1
+        losses.append(float(loss))
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 250 == 0 or step == cfg.init_steps:
+            torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+    bar.close()
+    save_file({kk: v.detach().contiguous() for kk, v in student.state_dict().items()}, str(path))
+    return losses
 
 
 def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
@@ -133,7 +198,15 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     ts, seed = found["timesteps"], found["noise_seed"]
 
     b = fit_scale(tgt["errors"], labels[tgt_idx])
-    student = copy.deepcopy(teacher.unet).train().requires_grad_(True)
+    if cfg.student_channels and tuple(cfg.student_channels) != tuple(teacher.cfg.unet_channels):
+        student = student_unet(teacher, cfg.student_channels)
+        init = run / "student_init.safetensors"
+        if not init.exists():
+            imitate(teacher, student, crops, labels, splits["train"], ts, seed, cfg, init, progress)
+        student.load_state_dict(load_file(str(init)))
+        student.train().requires_grad_(True)
+    else:
+        student = copy.deepcopy(teacher.unet).train().requires_grad_(True)
     engine = build_engine(teacher, student, ts, seed)
     engine.unet.requires_grad_(True)
     log_a = torch.nn.Parameter(torch.tensor(math.log(b)))
@@ -190,6 +263,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     (run / "distill.json").write_text(json.dumps({
         "timesteps": ts, "noise_seed": seed, "logit_scale": float(log_a.exp()), "teacher_logit_scale": b,
         "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
+        "student_channels": list(getattr(student.config, "block_out_channels", teacher.cfg.unet_channels)),
         "val_agreement_with_teacher": agree, "search": {k: v for k, v in found.items() if k != "table"},
         "config": asdict(cfg)}, indent=2))
     return run

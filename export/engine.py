@@ -133,9 +133,19 @@ def build_engine(model, unet: nn.Module | None, timesteps: Sequence[int], noise_
     return eng.eval().requires_grad_(False)
 
 
+def student_unet(model, channels) -> nn.Module:
+    """A fresh denoiser like ``model``'s (a loaded Teacher) but with ``channels`` per level (float32, train mode)."""
+    import dataclasses
+
+    from export.models import build_unet
+
+    return build_unet(dataclasses.replace(model.cfg, unet_channels=tuple(int(c) for c in channels)))
+
+
 def load_student(model, folder) -> tuple[nn.Module, dict]:
     """The distilled student of ``model`` (a loaded Teacher) from ``folder``: student.safetensors (the denoiser's
-    state dict, same architecture as the teacher's) and distill.json (timesteps, noise_seed, logit_scale, ...).
+    state dict; the teacher's architecture, or narrower as distill.json's ``student_channels`` says) and
+    distill.json (timesteps, noise_seed, logit_scale, ...).
     Returns (unet in eval mode, the parsed distill.json). Raises BundleError naming a missing or mismatched file."""
     import copy
     import json
@@ -156,7 +166,8 @@ def load_student(model, folder) -> tuple[nn.Module, dict]:
         info["timesteps"], info["noise_seed"] = [int(t) for t in info["timesteps"]], int(info["noise_seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{jpath}: not a valid distillation record ({exc})") from exc
-    unet = copy.deepcopy(model.unet)
+    chans = info.get("student_channels")
+    unet = student_unet(model, chans) if chans and list(chans) != list(model.cfg.unet_channels) else copy.deepcopy(model.unet)
     try:
         unet.load_state_dict({k: v.float() for k, v in load_file(str(wpath)).items()}, strict=True)
     except (SafetensorError, OSError) as exc:

@@ -89,6 +89,28 @@ def test_demo_frames_script_writes_frames_and_truth(tmp_path):
         demo_frames_main(["--out", str(tmp_path)])
 
 
+def test_pick_typical_keeps_the_candidates_the_engine_finds_most_typical(tiny_bundle):
+    from edge.backends import load_backend
+    from edge.bundle import load_bundle
+    from edge.postprocess import decide
+    from export.demo_frames import pick_typical
+
+    drawn = {}
+
+    def sample(label, n, seed):
+        drawn[label] = placeholder_cells(label, n, seed)
+        return drawn[label]
+
+    wrapped, bundle_id = pick_typical(sample, str(tiny_bundle), oversample=3)
+    kept = wrapped("monocyte", 4, 5)
+    assert kept.shape == (4, 64, 64, 3) and len(drawn["monocyte"]) == 12 and bundle_id == load_bundle(tiny_bundle).bundle_id
+    b = load_bundle(tiny_bundle)
+    p = [d.probs["monocyte"] for d in decide(load_backend("onnxruntime", b).infer(drawn["monocyte"].transpose(0, 3, 1, 2).copy()),
+                                             b.classes, b.calibration)]
+    best = np.argsort(p)[::-1][:4]
+    assert all(np.array_equal(k, drawn["monocyte"][i]) for k, i in zip(kept, best))
+
+
 def test_compose_is_deterministic_and_uses_the_sampler():
     calls = []
 
