@@ -40,7 +40,7 @@ class DistillConfig:
     run_dir: str = "runs/student"
     cache: str = "runs/cache/pbc64.npz"
     n_timesteps: int = 2  # evaluations per cell = K * n_timesteps
-    grid: tuple[int, ...] = (50, 150, 300, 450, 600, 800)  # candidate timesteps
+    grid: tuple[int, ...] = (100, 150, 200, 300, 400, 500)  # candidate timesteps (see ClassifierConfig.t_min/t_max)
     search_seeds: int = 8
     search_cells: int = 400  # validation cells used by the search
     target_cells: int = 1600  # training cells with teacher targets
