@@ -58,7 +58,8 @@ A_RBC = np.array([0.14, 0.26, 0.19])  # PBC-like: pinkish grey, low contrast
 A_PLATELET = np.array([0.45, 0.95, 0.35])
 A_NUCLEUS_PALE = np.array([0.40, 0.78, 0.26])
 A_BLUE_CYTO = np.array([0.42, 0.30, 0.08])
-A_SMUDGE = np.array([0.30, 0.62, 0.20])
+A_SMUDGE = np.array([0.62, 0.88, 0.26])  # bare purple chromatin
+A_BLAST_NUCLEUS = np.array([0.72, 0.98, 0.30])  # fine purple chromatin, a little paler than a lymphocyte's
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _add_blast(A: np.ndarray, cx: float, cy: float, r: float, rng: np.random.Gen
         ox, oy = ncx + rr * np.cos(a), ncy + rr * np.sin(a)
         tex = tex - 0.35 * (1 - _smoothstep(0.06 * rn, 0.1 * rn, np.hypot(xx - ox, yy - oy)))
     _add_blob(A, cyto * (1 - nuc) * 0.9, A_BLUE_CYTO, sy, sx)
-    _add_blob(A, nuc * tex, A_NUCLEUS_PALE, sy, sx)
+    _add_blob(A, nuc * tex, A_BLAST_NUCLEUS, sy, sx)
 
 
 def _add_smudge(A: np.ndarray, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
