@@ -22,26 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.backends import load_backend  # noqa: E402
 from edge.bundle import load_bundle  # noqa: E402
-from edge.daemon import WINDOW_PX, DaemonConfig  # noqa: E402
+from edge.daemon import DaemonConfig, cell_crop  # noqa: E402
 from edge.detect import detect_cells  # noqa: E402
 from edge.imageio import read_image  # noqa: E402
 from edge.postprocess import decide  # noqa: E402
-from edge.preprocess import crop_around, normalise_cell  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "edge" / "demo"
 
 
 def runtime_crops(rgb: np.ndarray, um_per_px: float, crop_size: int, window: float = DaemonConfig.window):
     """Frame -> list of (Detection, uint8 crop [S, S, 3]) for every whole detected cell, as the daemon makes them."""
-    out = []
-    for det in detect_cells(rgb, um_per_px=um_per_px):
-        if det.edge:
-            continue
-        cx, cy, _ = det.nucleus
-        side = max(det.box[2] - det.box[0], det.box[3] - det.box[1]) * window
-        win = crop_around(rgb, cx, cy, side, max(8, min(int(round(side)), WINDOW_PX)))
-        out.append((det, normalise_cell(win, size=crop_size).crop))
-    return out
+    return [(det, cell_crop(rgb, det, window, crop_size)) for det in detect_cells(rgb, um_per_px=um_per_px) if not det.edge]
 
 
 def evaluate(demo: Path, bundle_dir: str | None, every: int = 1) -> tuple[list[dict], list[np.ndarray]]:

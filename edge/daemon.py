@@ -42,6 +42,17 @@ WINDOW_PX = 192  # largest side of the window handed to normalise_cell, px
 MAX_SEQ_GAP = 10000  # a larger jump in seq is a publisher restart, not frames lost
 
 
+def cell_crop(rgb: np.ndarray, det, window: float, size: int) -> np.ndarray:
+    """The model's crop of one detected cell: uint8 RGB frame [H, W, 3], a Detection, the window factor (window
+    side / detection box side, around the nucleus centre) -> uint8 [size, size, 3] from ``normalise_cell``."""
+    cx, cy, _ = det.nucleus
+    side = max(det.box[2] - det.box[0], det.box[3] - det.box[1]) * window
+    # At most WINDOW_PX across: normalise_cell works on a ~160 px copy anyway, and the model was trained on
+    # crops made from images of that size.
+    win = crop_around(rgb, cx, cy, side, max(8, min(int(round(side)), WINDOW_PX)))
+    return normalise_cell(win, size=size).crop
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """One daemon process. TOML (``[daemon]`` table or top level) and CLI options map onto these fields."""
@@ -421,12 +432,7 @@ class Daemon:
             st = track.state
             if st.get("views", 0) + st.get("queued", 0) >= c.views_per_track:
                 continue
-            cx, cy, diam = det.nucleus
-            side = max(det.box[2] - det.box[0], det.box[3] - det.box[1]) * c.window
-            # At most WINDOW_PX across: normalise_cell works on a ~160 px copy anyway, and the model was trained
-            # on crops made from images of that size.
-            window = crop_around(rgb, cx, cy, side, max(8, min(int(round(side)), WINDOW_PX)))
-            crop = normalise_cell(window, size=self.crop_size).crop
+            crop = cell_crop(rgb, det, c.window, self.crop_size)
             st["queued"] = st.get("queued", 0) + 1
             p.new.append((track, det, crop))
         t4 = time.perf_counter()

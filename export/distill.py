@@ -119,15 +119,13 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
     batches = _Batches(crops, labels, train_idx, cfg.init_batch, cfg.seed + 11 + step)
     gen = torch.Generator().manual_seed(cfg.seed + 13 + step)
     ts_t = torch.tensor(ts)
-    mask = teacher.mask
     cls = torch.arange(k).repeat(cfg.init_batch)
     student.train().requires_grad_(True)
     losses: list[float] = []
     bar = tqdm(total=cfg.init_steps, initial=step, desc="imitate", disable=not progress)
     while step < cfg.init_steps:
         x, _ = batches.next()
-        with torch.no_grad():
-            z0 = teacher.latents(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        z0 = teacher.latents_of_unit(x)
         j = torch.randint(0, len(ts), (len(z0),), generator=gen)
         t = ts_t[j] + torch.randint(-25, 26, (len(z0),), generator=gen) * (step % 4 == 3)  # mostly exactly at ts
         noise = fixed[j] if step % 2 == 0 else torch.randn(z0.shape, generator=gen)
@@ -137,8 +135,7 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
             eps_t = teacher.unet(zt, t_k, class_labels=cls).sample
         with torch.autocast("cpu", dtype=torch.bfloat16):
             eps_s = student(zt, t_k, class_labels=cls).sample.float()
-        e_t = ((eps_t - n_k) ** 2 * mask).mean(dim=(1, 2, 3)).view(-1, k)
-        e_s = ((eps_s - n_k) ** 2 * mask).mean(dim=(1, 2, 3)).view(-1, k)
+        e_t, e_s = teacher.masked_error(eps_t, n_k).view(-1, k), teacher.masked_error(eps_s, n_k).view(-1, k)
         d_t, d_s = e_t - e_t.mean(1, keepdim=True), e_s - e_s.mean(1, keepdim=True)
         loss = F.mse_loss(eps_s, eps_t) + F.mse_loss(d_s, d_t) / d_t.pow(2).mean().clamp_min(1e-12)
         opt.zero_grad(set_to_none=True); loss.backward()
@@ -237,8 +234,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         logp_s = torch.log_softmax(-log_a.exp() * (e_s - e_s.min(1, keepdim=True).values.detach()), 1)
         kl = F.kl_div(logp_s, p_teacher[i], reduction="batchmean")
         x, y = denoise.next()
-        with torch.no_grad():
-            z0 = teacher.latents(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        z0 = teacher.latents_of_unit(x)
         t = torch.randint(0, len(abar), (len(y),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
@@ -263,7 +259,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     (run / "distill.json").write_text(json.dumps({
         "timesteps": ts, "noise_seed": seed, "logit_scale": float(log_a.exp()), "teacher_logit_scale": b,
         "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
-        "student_channels": list(getattr(student.config, "block_out_channels", teacher.cfg.unet_channels)),
+        "student_channels": list(student.config.block_out_channels),
         "val_agreement_with_teacher": agree, "search": {k: v for k, v in found.items() if k != "table"},
         "config": asdict(cfg)}, indent=2))
     return run

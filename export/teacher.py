@@ -45,8 +45,17 @@ class Teacher:
     @torch.no_grad()
     def errors(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Masked squared error of the denoiser: z0, noise [B, C, s, s], t, y int64 [B] -> float32 [B]."""
-        pred = self.eps(self.noisy(z0, t, noise), t, y)
+        return self.masked_error(self.eps(self.noisy(z0, t, noise), t, y), noise)
+
+    def masked_error(self, pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Mean squared error inside the disc: pred, noise float [B, C, s, s] -> float [B] (differentiable)."""
         return ((pred - noise) ** 2 * self.mask).mean(dim=(1, 2, 3))
+
+    @torch.no_grad()
+    def latents_of_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Augmented cells float [N, 3, S, S] in [-1, 1] (export.train batches) -> scaled latents, through the same
+        uint8 rounding the runtime's cells have."""
+        return self.latents(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
 
 def load_teacher(folder: str | Path, name: str = "teacher") -> Teacher:
