@@ -105,7 +105,7 @@ def check_precision(root: Path, precision: str, cells: np.ndarray, ref32: dict |
             _, result["sidecar"] = export_tensorrt(root, BuildConfig(precision=precision, max_batch=args.max_batch,
                                                                      workspace_mib=args.workspace_mib))
         bundle = load_bundle(root)
-        want = load_backend("onnxruntime", bundle, precision).infer(cells)
+        want = load_backend("onnxruntime", bundle, precision, onnx_file=bundle.tensorrt_onnx(precision)).infer(cells)
         trt = load_backend("tensorrt", bundle, precision)
         try:
             result["parity"] = parity(trt.infer(cells), want, ref32, precision)

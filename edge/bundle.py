@@ -43,6 +43,7 @@ class Bundle:
     precision: str = "fp32"
     timesteps: list[int] = field(default_factory=list)
     noise_seed: int = 0
+    tensorrt_sources: dict[str, str] = field(default_factory=dict)  # precision -> ONNX a TensorRT plan is built from
 
     def engine_path(self, precision: str | None = None) -> Path:
         """Path of the ONNX engine for ``precision`` (None = the bundle's default); BundleError if absent."""
@@ -51,6 +52,16 @@ class Bundle:
             have = ", ".join(sorted(self.engines)) or "none"
             raise BundleError(f"{self.root}: bundle has no {precision} engine (it has: {have})")
         return self.root / self.engines[precision]
+
+    def tensorrt_onnx(self, precision: str) -> str:
+        """File name of the ONNX model a TensorRT ``precision`` plan is built from: the manifest's
+        ``tensorrt_sources`` entry (INT8: symmetric int8 Q/DQ, which TensorRT needs) or else the engine of that
+        precision. BundleError if the bundle has neither."""
+        name = self.tensorrt_sources.get(precision) or self.engines.get(precision)
+        if name is None:
+            have = ", ".join(sorted(set(self.engines) | set(self.tensorrt_sources))) or "none"
+            raise BundleError(f"{self.root}: bundle has no {precision} ONNX model to build a TensorRT plan from (it has: {have})")
+        return name
 
 
 def default_bundle_dir() -> Path:
@@ -131,6 +142,9 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
             raise BundleError(f"{root / MANIFEST}: unknown engine precision {prec!r} (known: {', '.join(PRECISIONS)})")
         if name not in files:
             raise BundleError(f"{root / MANIFEST}: engine {name} is not hashed in 'files'")
+    sources = m.get("tensorrt_sources", {})
+    if not isinstance(sources, dict) or any(p not in PRECISIONS or n not in files for p, n in sources.items()):
+        raise BundleError(f"{root / MANIFEST}: 'tensorrt_sources' must map precisions to ONNX files hashed in 'files'")
     if m["precision"] not in engines:
         raise BundleError(f"{root / MANIFEST}: default precision {m['precision']!r} has no engine "
                           f"(engines: {', '.join(engines)})")
@@ -170,7 +184,7 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     return Bundle(root=root, manifest=m, classes=list(classes), crop_size=crop, evals_per_cell=evals,
                   calibration=calibration, bundle_id=bundle_id, engines=dict(engines),
                   precision=m["precision"], timesteps=[int(t) for t in m["timesteps"]],
-                  noise_seed=int(m["noise_seed"]))
+                  noise_seed=int(m["noise_seed"]), tensorrt_sources=dict(sources))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

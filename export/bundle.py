@@ -150,6 +150,12 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
             quant["calibset_sha256"] = crops_sha256(np.ascontiguousarray(calib_cells))
             files["engine_int8.onnx"], engines["int8"] = tmp / "engine_int8.onnx", "engine_int8.onnx"
             say(f"wrote engine_int8.onnx ({quant['qdq_nodes']} Q/DQ nodes, {quant['float_nodes']} nodes kept float)")
+            # TensorRT builds only symmetric int8 Q/DQ with float biases; on this CPU that flavour is slower and
+            # agrees less with FP32 than uint8 activations, so it ships beside the ONNX Runtime one, for GPUs.
+            quant["tensorrt"] = quantize_int8(fp32, tmp / "engine_int8_symmetric.onnx", np.ascontiguousarray(calib_cells),
+                                              int8_preset, symmetric=True)
+            files["engine_int8_symmetric.onnx"] = tmp / "engine_int8_symmetric.onnx"
+            say("wrote engine_int8_symmetric.onnx (the INT8 source for TensorRT plans)")
         cal_name = None
         if calibration is not None:
             import json
@@ -164,6 +170,7 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
         extra = {"logit_scale": engine.logit_scale, "timestep_weights": engine.weights.flatten().tolist()}
         if quant:
             extra["quantization"] = quant
+            extra["tensorrt_sources"] = {"int8": "engine_int8_symmetric.onnx"}
         manifest = write_bundle(out_dir, files, name=name, classes=list(model.cfg.classes), timesteps=engine.timesteps,
                                 noise_seed=noise_seed, evals_per_cell=engine.evals_per_cell,
                                 precision=default_precision, engines=engines, crop_size=crop, teacher=teacher,

@@ -58,13 +58,14 @@ class DistillConfig:
     init_lr: float = 1e-3
 
 
-def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str) -> dict[str, np.ndarray]:
+def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str,
+                     ccfg: ClassifierConfig = ClassifierConfig()) -> dict[str, np.ndarray]:
     """Cached full teacher classification of uint8 [N, S, S, 3] cells -> dict(errors [N,K], label, evals, zeta)."""
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     t0 = time.time()
-    res = classify_cells(teacher, cells.transpose(0, 3, 1, 2), ClassifierConfig(), progress=True)
+    res = classify_cells(teacher, cells.transpose(0, 3, 1, 2), ccfg, progress=True)
     out = {"errors": np.stack([r.errors for r in res]), "label": np.array([r.label for r in res]),
            "evals": np.array([r.evals for r in res]), "zeta": np.array([r.zeta for r in res]),
            "seconds": np.array(time.time() - t0)}

@@ -97,12 +97,14 @@ class CellReader:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, cells: np.ndarray, preset: str = "tail",
                   batch: int = 4, calibrate_method: str = "MinMax",
-                  op_types: tuple[str, ...] | None = DEFAULT_OP_TYPES) -> dict:
+                  op_types: tuple[str, ...] | None = DEFAULT_OP_TYPES, symmetric: bool = False) -> dict:
     """FP32 engine ONNX -> INT8 QDQ ONNX at ``out_path``, calibrated on ``cells`` uint8 [N, 3, S, S].
 
     Returns a summary dict for the bundle manifest: preset, the float node names, calibration cell count,
     method, and the count of QuantizeLinear/DequantizeLinear nodes inserted. op_types: quantize only these op
-    types (default: convolutions only); None = every op type the quantizer supports.
+    types (default: convolutions only); None = every op type the quantizer supports. symmetric: int8
+    activations with zero point 0 and float biases (what TensorRT's explicit quantization accepts) instead of
+    uint8 asymmetric activations and int32 biases (ONNX Runtime's fast path on x86).
     """
     from onnxruntime.quantization import CalibrationMethod
 
@@ -113,7 +115,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, cells: np.ndarray
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a warning per per-channel weight it cannot split
     try:
-        summary = _quantize(fp32_path, out_path, cells, preset, batch, method, op_types)
+        summary = _quantize(fp32_path, out_path, cells, preset, batch, method, op_types, symmetric)
     finally:
         root.setLevel(level)
     summary["calibrate_method"] = calibrate_method
@@ -121,7 +123,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, cells: np.ndarray
     return summary
 
 
-def _quantize(fp32_path, out_path: Path, cells: np.ndarray, preset: str, batch: int, method, op_types) -> dict:
+def _quantize(fp32_path, out_path: Path, cells: np.ndarray, preset: str, batch: int, method, op_types,
+              symmetric: bool) -> dict:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -134,12 +137,13 @@ def _quantize(fp32_path, out_path: Path, cells: np.ndarray, preset: str, batch: 
         onnx.save(model, str(pre))  # with the stable names given by float_nodes
         quantize_static(
             str(pre), str(out_path), CellReader(cells, batch), quant_format=QuantFormat.QDQ, per_channel=True,
-            op_types_to_quantize=list(op_types) if op_types else None, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-            calibrate_method=method,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+            op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=exclude, calibrate_method=method,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric})
     q = onnx.load(str(out_path))
     onnx.checker.check_model(q)
     ops = [n.op_type for n in q.graph.node]
     return {"preset": preset, "float_nodes": len(exclude), "calibration_cells": int(len(cells)),
-            "activation_type": "uint8", "weight_type": "int8 per-channel",
+            "activation_type": "int8 symmetric" if symmetric else "uint8", "weight_type": "int8 per-channel",
+            "bias": "float" if symmetric else "int32",
             "qdq_nodes": ops.count("QuantizeLinear") + ops.count("DequantizeLinear")}

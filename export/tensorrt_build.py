@@ -174,12 +174,13 @@ def export_tensorrt(bundle_dir: str | Path | None, config: BuildConfig) -> tuple
     from edge.bundle import load_bundle, update_bundle_file
 
     bundle = load_bundle(bundle_dir)
-    onnx_path = bundle.engine_path(config.precision)
+    source = bundle.tensorrt_onnx(config.precision)
+    onnx_path = bundle.root / source
     trt, _, running = gpu_runtime()
     name = plan_name(config.precision, running["compute_capability"], running["tensorrt"])
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = build_plan(onnx_path, Path(tmp) / name, config, bundle.crop_size, trt, running)
-        sidecar["onnx_file"] = bundle.engines[config.precision]
+        sidecar["onnx_file"] = source
         update_bundle_file(bundle.root, name, (Path(tmp) / name).read_bytes())
     update_bundle_file(bundle.root, sidecar_name(name), (json.dumps(sidecar, indent=2) + "\n").encode())
     return bundle.root / name, sidecar

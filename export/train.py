@@ -38,6 +38,12 @@ class TrainConfig:
     bf16: bool = True
     threads: int = 2
     unet_channels: tuple[int, ...] = (32, 64, 128)  # denoiser width per level (tests use a tiny one)
+    lr_decay_steps: int = 0  # the last N steps anneal lr (cosine) down to lr_final_frac * lr; 0 = constant lr
+    lr_final_frac: float = 0.05
+    t_focus: tuple[int, int] = (0, 0)  # timestep range the classifier uses ([lo, hi), e.g. (100, 500)) ...
+    t_focus_frac: float = 0.0  # ... and the fraction of each batch whose t is drawn from it (rest: uniform)
+    stain_jitter: float = 0.0  # per-cell stain (colour-deconvolution) jitter strength, e.g. 0.05; 0 = off
+    blur_prob: float = 0.0  # fraction of cells blurred (Gaussian, sigma 0.3-1.2 px): other microscopes' focus
 
 
 def load_cache(path: str | Path) -> dict[str, np.ndarray]:
@@ -54,8 +60,52 @@ def make_splits(labels: np.ndarray, cfg: TrainConfig) -> dict[str, np.ndarray]:
     return {"train": train, "val": val, "cal": cal}
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """float [N, 3, S, S] in [-1, 1]: random dihedral transform per batch quarter and per-cell colour jitter."""
+# Optical densities of the three stain components, rows normalised (Ruifrok & Johnston's H-E-DAB basis).
+# Romanowsky stains are not H&E, but jittering amounts along these axes gives the stain-strength and
+# hue shifts seen between labs and scanners (Tellez et al. 2018).
+_RGB_FROM_STAIN = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_STAIN = _RGB_FROM_STAIN / _RGB_FROM_STAIN.norm(dim=1, keepdim=True)
+
+
+def stain_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """float [N, 3, S, S] in [-1, 1] -> same: per cell, scale (1 +- s) and shift (+- s) each stain's density,
+    then jitter saturation and white balance."""
+    n = x.shape[0]
+    od = -torch.log(((x + 1) / 2).clamp(1 / 255, 1))  # optical density [N, 3, S, S]
+    stains = torch.einsum("nchw,cd->ndhw", od, torch.linalg.inv(_RGB_FROM_STAIN))
+    alpha = 1 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * strength
+    beta = (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * strength
+    od = torch.einsum("ndhw,dc->nchw", stains * alpha + beta, _RGB_FROM_STAIN).clamp(min=0)
+    rgb = torch.exp(-od)
+    # Saturation (1 - 4s .. 1 + 2s) and white balance (+- 2s per channel): washed-out or bluish illumination.
+    sat = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 6 - 4) * strength
+    grey = rgb.mean(dim=1, keepdim=True)
+    gain = 1 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 2 * strength
+    return ((grey + (rgb - grey) * sat) * gain).clamp(0, 1) * 2 - 1
+
+
+def random_blur(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """Blur a random `prob` of the cells [N, 3, S, S] with a Gaussian of sigma 0.3-1.2 px (one sigma per call)."""
+    pick = torch.rand(x.shape[0], generator=gen) < prob
+    if not pick.any():
+        return x
+    sigma = 0.3 + 0.9 * float(torch.rand(1, generator=gen))
+    r = torch.arange(-2, 3, dtype=x.dtype)
+    k = torch.exp(-r**2 / (2 * sigma**2)); k = k / k.sum()
+    y = F.pad(x[pick], (2, 2, 2, 2), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+    y = F.conv2d(y, k.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+    x = x.clone(); x[pick] = y
+    return x
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, stain: float = 0.0, blur: float = 0.0) -> torch.Tensor:
+    """float [N, 3, S, S] in [-1, 1]: random dihedral transform per batch quarter, per-cell colour jitter and,
+    when asked, stain jitter (strength `stain`) and blur (fraction `blur` of the cells)."""
+    if stain > 0:
+        x = stain_jitter(x, stain, gen)
+    if blur > 0:
+        x = random_blur(x, blur, gen)
     out = []
     for chunk in x.chunk(4):
         k = int(torch.randint(0, 4, (1,), generator=gen))
@@ -75,15 +125,37 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 class _Batches:
     """Random training batches of crops: uint8 [N, S, S, 3] -> float [B, 3, S, S] in [-1, 1], augmented."""
 
-    def __init__(self, crops: np.ndarray, labels: np.ndarray, idx: np.ndarray, batch: int, seed: int):
+    def __init__(self, crops: np.ndarray, labels: np.ndarray, idx: np.ndarray, batch: int, seed: int,
+                 stain: float = 0.0, blur: float = 0.0):
         self.crops = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels[idx])
-        self.batch = batch
+        self.batch, self.stain, self.blur = batch, stain, blur
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         i = torch.randint(0, len(self.labels), (self.batch,), generator=self.gen)
-        return augment(to_unit(self.crops[i]), self.gen).clamp(-1.2, 1.2), self.labels[i]
+        x = augment(to_unit(self.crops[i]), self.gen, self.stain, self.blur)
+        return x.clamp(-1.2, 1.2), self.labels[i]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Constant cfg.lr, then a cosine anneal to lr_final_frac * lr over the last lr_decay_steps steps."""
+    start = cfg.steps - cfg.lr_decay_steps
+    if cfg.lr_decay_steps <= 0 or step < start:
+        return cfg.lr
+    f = min(1.0, (step - start) / cfg.lr_decay_steps)
+    lo = cfg.lr * cfg.lr_final_frac
+    return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * f))
+
+
+def sample_t(n: int, cfg: TrainConfig, num_train_timesteps: int) -> torch.Tensor:
+    """Training timesteps int64 [n]: uniform, except a t_focus_frac share drawn from the classifier's t_focus range."""
+    t = torch.randint(0, num_train_timesteps, (n,))
+    lo, hi = cfg.t_focus
+    if cfg.t_focus_frac > 0 and hi > lo:
+        k = int(round(n * cfg.t_focus_frac))
+        t[:k] = torch.randint(lo, hi, (k,))
+    return t
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -127,7 +199,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         ae.load_state_dict(c["ae"]); unet.load_state_dict(c["unet"]); ema.load_state_dict(c["ema"])
         opt.load_state_dict(c["opt"])
         state = c["state"]
-    batches = _Batches(data["crops"], data["labels"], splits["train"], cfg.batch, cfg.seed + state["ae_step"] + state["step"])
+    batches = _Batches(data["crops"], data["labels"], splits["train"], cfg.batch, cfg.seed + state["ae_step"] + state["step"],
+                       cfg.stain_jitter, cfg.blur_prob)
     t_start = time.time()
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
@@ -165,13 +238,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         x, y = batches.next()
         with torch.no_grad():
             z0 = ae.encode(x) * scale
-        t = torch.randint(0, mcfg.num_train_timesteps, (z0.shape[0],))
+        t = sample_t(z0.shape[0], cfg, mcfg.num_train_timesteps)
         eps = torch.randn_like(z0)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         with amp:
             pred = unet(zt, t, class_labels=y).sample
         loss = F.mse_loss(pred.float(), eps)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(state["step"], cfg)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()

@@ -36,8 +36,9 @@ def test_tiny_bundle_loads_with_its_manifest_fields(tiny_bundle):
     assert m["input"] == {"name": "cells", "dtype": "uint8", "layout": "NCHW", "channels": "RGB", "size": 64,
                           "preprocessing": {"module": "edge.preprocess", "version": 1, "crop_size": 64,
                                             "nucleus_fill": 0.42}}
-    assert set(m["files"]) == {"engine_fp32.onnx", "engine_int8.onnx", "calibration.json", "teacher.safetensors",
-                               "teacher.json"}
+    assert set(m["files"]) == {"engine_fp32.onnx", "engine_int8.onnx", "engine_int8_symmetric.onnx", "calibration.json",
+                               "teacher.safetensors", "teacher.json"}
+    assert b.tensorrt_sources == {"int8": "engine_int8_symmetric.onnx"}
     for name, entry in m["files"].items():
         assert entry["bytes"] == (Path(tiny_bundle) / name).stat().st_size and len(entry["sha256"]) == 64
     assert m["teacher"] == {"weights": "teacher.safetensors", "config": "teacher.json"}
@@ -80,6 +81,15 @@ def test_inconsistent_evals_per_cell_is_refused(bundle_dir):
     (bundle_dir / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"evals_per_cell 4 is not classes x timesteps \(8 x 2\)"):
         load_bundle(bundle_dir)
+
+
+def test_tensorrt_source_must_be_a_hashed_file_of_a_known_precision(bundle_dir):
+    for bad in ({"int8": "elsewhere.onnx"}, {"int4": "engine_int8_symmetric.onnx"}, ["engine_int8_symmetric.onnx"]):
+        m = read_manifest(bundle_dir)
+        m["tensorrt_sources"] = bad
+        (bundle_dir / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match="'tensorrt_sources' must map precisions to ONNX files hashed in 'files'"):
+            load_bundle(bundle_dir)
 
 
 def test_missing_or_broken_manifest_is_refused(bundle_dir, tmp_path):

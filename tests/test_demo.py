@@ -89,11 +89,25 @@ def test_demo_frames_script_writes_frames_and_truth(tmp_path):
         demo_frames_main(["--out", str(tmp_path)])
 
 
-def test_pick_typical_keeps_the_candidates_the_engine_finds_most_typical(tiny_bundle):
+def test_seen_by_runtime_finds_the_placed_cell_and_crops_it_like_the_daemon():
+    from export.demo_frames import seen_by_runtime
+
+    cand = placeholder_cells("neutrophil", 3, 1)
+    seen = seen_by_runtime(cand, "neutrophil", DemoFramesConfig(), seed=2)
+    assert len(seen) == 3 and all(c is not None and c.shape == (64, 64, 3) and c.dtype == np.uint8 for c in seen)
+    # The runtime's crop is the same cell, re-found and re-normalised: close to the candidate, not identical.
+    for c, s in zip(cand, seen):
+        d = np.abs(c.astype(float) - s.astype(float)).mean()
+        assert 0 < d < 40, d
+        centre = s[24:40, 24:40].mean(axis=2).mean()
+        assert centre < s[:8].mean(axis=2).mean() - 30  # the dark nucleus is in the middle of the crop
+
+
+def test_pick_typical_keeps_the_candidates_the_engine_finds_most_typical_in_a_frame(tiny_bundle):
     from edge.backends import load_backend
     from edge.bundle import load_bundle
     from edge.postprocess import decide
-    from export.demo_frames import pick_typical
+    from export.demo_frames import pick_typical, seen_by_runtime
 
     drawn = {}
 
@@ -101,14 +115,17 @@ def test_pick_typical_keeps_the_candidates_the_engine_finds_most_typical(tiny_bu
         drawn[label] = placeholder_cells(label, n, seed)
         return drawn[label]
 
-    wrapped, bundle_id = pick_typical(sample, str(tiny_bundle), oversample=3)
+    cfg = DemoFramesConfig()
+    wrapped, bundle_id = pick_typical(sample, str(tiny_bundle), oversample=3, cfg=cfg)
     kept = wrapped("monocyte", 4, 5)
     assert kept.shape == (4, 64, 64, 3) and len(drawn["monocyte"]) == 12 and bundle_id == load_bundle(tiny_bundle).bundle_id
     b = load_bundle(tiny_bundle)
-    p = [d.probs["monocyte"] for d in decide(load_backend("onnxruntime", b).infer(drawn["monocyte"].transpose(0, 3, 1, 2).copy()),
-                                             b.classes, b.calibration)]
-    best = np.argsort(p)[::-1][:4]
-    assert all(np.array_equal(k, drawn["monocyte"][i]) for k, i in zip(kept, best))
+    seen = seen_by_runtime(drawn["monocyte"], "monocyte", cfg, 5)
+    assert all(c is not None for c in seen)
+    dec = decide(load_backend("onnxruntime", b).infer(np.stack(seen).transpose(0, 3, 1, 2).copy()), b.classes, b.calibration)
+    p = [d.probs["monocyte"] if d.state != "abnormal" else 0.0 for d in dec]
+    best = np.argsort(-np.array(p), kind="stable")[:4]
+    assert sorted(map(bytes, kept)) == sorted(bytes(drawn["monocyte"][i]) for i in best)
 
 
 def test_compose_is_deterministic_and_uses_the_sampler():

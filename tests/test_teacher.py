@@ -15,7 +15,8 @@ from export.datasets import build_crop_cache, load_labelled_folder  # noqa: E402
 from export.diffusion_classifier import ClassifierConfig, classify_cell, spread_timesteps, zeta_score  # noqa: E402
 from export.models import ModelConfig, disc_mask  # noqa: E402
 from export.teacher import Teacher, load_teacher  # noqa: E402
-from export.train import TrainConfig, train  # noqa: E402
+from export.models import to_unit  # noqa: E402
+from export.train import TrainConfig, lr_at, random_blur, sample_t, stain_jitter, train  # noqa: E402
 from smear import Wbc, render_smear  # noqa: E402
 
 TINY = (8, 16)
@@ -51,12 +52,58 @@ def test_tiny_teacher_loss_falls_and_saves(tiny_run):
 
 def test_resume_continues_and_refuses_other_config(tiny_run):
     cfg, run = tiny_run
-    more = TrainConfig(**{**cfg.__dict__, "steps": 110})
+    # Resume with the fine-tuning options on: stain jitter, blur, timestep focus and an lr anneal.
+    more = TrainConfig(**{**cfg.__dict__, "steps": 110, "stain_jitter": 0.05, "blur_prob": 0.5, "t_focus": (100, 500),
+                          "t_focus_frac": 0.5, "lr_decay_steps": 10})
     train(more, progress=False)
-    assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["step"] == 110
+    c = torch.load(run / "ckpt.pt", weights_only=False)
+    assert c["state"]["step"] == 110
+    assert c["opt"]["param_groups"][0]["lr"] == pytest.approx(lr_at(109, more)) and lr_at(109, more) < 0.1 * cfg.lr
     other = TrainConfig(**{**cfg.__dict__, "steps": 120, "unet_channels": (16, 16)})
     with pytest.raises(InputError, match="another config"):
         train(other, progress=False)
+
+
+def test_lr_is_constant_then_anneals_to_the_final_fraction():
+    cfg = TrainConfig(steps=1000, lr=1e-3, lr_decay_steps=400, lr_final_frac=0.1)
+    lrs = [lr_at(s, cfg) for s in range(0, 1001, 50)]
+    assert all(v == 1e-3 for v in lrs[:13]) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[14] < 1e-3
+    assert lr_at(999, TrainConfig(steps=1000, lr=1e-3)) == 1e-3  # no anneal by default
+
+
+def test_timestep_focus_draws_its_share_from_the_range():
+    torch.manual_seed(0)
+    inside = lambda t: ((t >= 100) & (t < 500)).float().mean().item()  # noqa: E731
+    assert inside(sample_t(20000, TrainConfig(), 1000)) == pytest.approx(0.4, abs=0.02)
+    focused = sample_t(20000, TrainConfig(t_focus=(100, 500), t_focus_frac=0.5), 1000)
+    assert inside(focused) == pytest.approx(0.5 + 0.5 * 0.4, abs=0.02) and focused.min() >= 0 and focused.max() < 1000
+
+
+def _smear_cells() -> torch.Tensor:
+    img = render_smear([Wbc(80, 80, kind="lobed")], h=160, w=160, px_per_um=3.0, n_rbc=10, n_platelets=0, seed=1)
+    return to_unit(torch.from_numpy(cv2.resize(img, (64, 64))).permute(2, 0, 1)[None].repeat(4, 1, 1, 1))
+
+
+def test_stain_jitter_shifts_colour_per_cell_and_keeps_the_structure():
+    x = _smear_cells()
+    same = stain_jitter(x, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x.clamp(-1, 1), atol=2e-2)  # strength 0: only the 1/255 clamp of the density
+    y = stain_jitter(x, 0.05, torch.Generator().manual_seed(0))
+    assert torch.equal(y, stain_jitter(x, 0.05, torch.Generator().manual_seed(0)))  # seeded
+    assert y.min() >= -1 and y.max() <= 1 and y.shape == x.shape
+    colour = y.mean(dim=(2, 3))
+    assert (colour - x.mean(dim=(2, 3))).abs().max() > 0.02 and (colour[0] - colour[1]).abs().max() > 0.005  # per cell
+    for a, b in zip(x.mean(1), y.mean(1)):  # grey-level structure (nucleus vs background) survives
+        assert np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1] > 0.9
+
+
+def test_random_blur_softens_the_picked_cells_only():
+    x = _smear_cells()
+    assert torch.equal(random_blur(x, 0.0, torch.Generator().manual_seed(0)), x)
+    y = random_blur(x, 1.0, torch.Generator().manual_seed(0))
+    lap = lambda t: (t[..., 1:-1, 1:-1] * 4 - t[..., :-2, 1:-1] - t[..., 2:, 1:-1] - t[..., 1:-1, :-2] - t[..., 1:-1, 2:]).var()  # noqa: E731
+    assert lap(y) < 0.8 * lap(x) and (y.mean() - x.mean()).abs() < 0.01
 
 
 def test_truncated_or_mismatched_weights_are_refused(tiny_run, tmp_path):

@@ -18,7 +18,7 @@ from edge.backends import load_backend
 from edge.backends.tensorrt import (check_sidecar, find_plan, gpu_runtime, parse_version, plan_mismatches,
                                     plan_name, sidecar_name)
 from edge.bundle import load_bundle, update_bundle_file
-from edge.errors import BackendError
+from edge.errors import BackendError, BundleError
 
 HERE = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt": "10.13.3.9"}
 ORIN = {"gpu": "Orin", "compute_capability": "8.7", "tensorrt": "10.3.0"}
@@ -170,31 +170,10 @@ def test_export_tensorrt_command_without_gpu_stack_fails_and_leaves_the_bundle_a
 
 # ---- CPU: which ONNX models can give which plans ---------------------------------------------------------
 
-def quantize_symmetric(fp32_path: Path, out_path: Path, cells: np.ndarray) -> Path:
-    """INT8 QDQ with signed, symmetric activations and weights (zero points 0) and float biases: what TensorRT
-    builds (it has no int32 DequantizeLinear for quantized biases)."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from export.quantize import CellReader, float_nodes
-
-    pre = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-    model = onnx.load(str(pre))
-    exclude = float_nodes(model, "tail+ends")
-    onnx.save(model, str(pre))
-    quantize_static(str(pre), str(out_path), CellReader(cells, 8), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-    pre.unlink()
-    return out_path
-
-
 @pytest.fixture(scope="module")
-def symmetric_int8(tiny_bundle, tmp_path_factory) -> Path:
-    return quantize_symmetric(tiny_bundle / "engine_fp32.onnx", tmp_path_factory.mktemp("q") / "sym.onnx",
-                              random_cells(16))
+def symmetric_int8(tiny_bundle) -> Path:
+    """The bundle's TensorRT INT8 source (symmetric int8 Q/DQ, float biases), written next to the ORT INT8."""
+    return tiny_bundle / load_bundle(tiny_bundle).tensorrt_onnx("int8")
 
 
 def test_onnx_precision_checks(tiny_bundle, symmetric_int8):
@@ -210,7 +189,18 @@ def test_onnx_precision_checks(tiny_bundle, symmetric_int8):
     # build it, and the builder says so before TensorRT does
     problem, = onnx_precision_problems(ort_int8, "int8")
     assert "uint8 zero point" in problem and "symmetric int8" in problem
-    assert onnx_precision_problems(symmetric_int8, "int8") == []
+    assert symmetric_int8.name == "engine_int8_symmetric.onnx" and onnx_precision_problems(symmetric_int8, "int8") == []
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.tensorrt_onnx("fp32") == "engine_fp32.onnx"
+    with pytest.raises(BundleError, match="no fp16 ONNX model to build a TensorRT plan from"):
+        bundle.tensorrt_onnx("fp16")
+    # ONNX Runtime runs the symmetric model too (what TensorRT parity is checked against)
+    cells = random_cells(3)
+    sym = load_backend("onnxruntime", bundle, "int8", onnx_file=bundle.tensorrt_onnx("int8")).infer(cells)
+    f32 = load_backend("onnxruntime", bundle, "fp32").infer(cells)
+    np.testing.assert_allclose(sym["errors"], f32["errors"], rtol=0.05)
+    with pytest.raises(BundleError, match="not a file of this bundle"):
+        load_backend("onnxruntime", bundle, "int8", onnx_file="other.onnx")
 
 
 def test_build_config_validates_the_profile():
@@ -235,7 +225,7 @@ def gpu_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def gpu_bundle(tmp_path_factory, symmetric_int8) -> Path:
+def gpu_bundle(tmp_path_factory) -> Path:
     """A tiny bundle with FP32, FP16 and TensorRT-ready INT8 engines, and a plan of each for this GPU."""
     reason = gpu_missing()
     if reason:
@@ -248,7 +238,6 @@ def gpu_bundle(tmp_path_factory, symmetric_int8) -> Path:
     build_bundle(root, model, None, timesteps=TINY_TIMESTEPS, noise_seed=TINY_NOISE_SEED, weights=None,
                  calib_cells=random_cells(16), precisions=("fp32", "fp16", "int8"), default_precision="fp32",
                  calibration=synthetic_calibration(list(model.cfg.classes)), name="tiny-gpu")
-    update_bundle_file(root, "engine_int8.onnx", symmetric_int8.read_bytes())
     for precision in ("fp32", "fp16", "int8"):
         export_tensorrt(root, BuildConfig(precision=precision, workspace_mib=1024))
     return root
@@ -259,7 +248,7 @@ def gpu_bundle(tmp_path_factory, symmetric_int8) -> Path:
 def test_plan_matches_onnxruntime(gpu_bundle, precision):
     bundle = load_bundle(gpu_bundle)
     trt = load_backend("tensorrt", bundle, precision)
-    ort = load_backend("onnxruntime", bundle, precision)
+    ort = load_backend("onnxruntime", bundle, precision, onnx_file=bundle.tensorrt_onnx(precision))
     assert trt.max_batch == 64 and trt.evals_per_cell == bundle.evals_per_cell
     try:
         for n in (1, 3, 64, 65):

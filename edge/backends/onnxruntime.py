@@ -40,12 +40,15 @@ def _check_io(session, bundle, path) -> None:
 class OrtBackend:
     """name "onnxruntime"; precision: the engine run; evals_per_cell from the manifest.
 
-    intra_op_num_threads: 0 = ONNX Runtime's default (one per core); max_batch: cells per session.run call.
+    intra_op_num_threads: 0 = ONNX Runtime's default (one per core); max_batch: cells per session.run call;
+    onnx_file: run this ONNX file of the bundle instead of the precision's engine (e.g. the one a TensorRT plan
+    was built from, ``bundle.tensorrt_onnx(precision)``, for parity checks); it must be hashed in the bundle.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, bundle, precision: str | None = None, intra_op_num_threads: int = 0, max_batch: int = 32):
+    def __init__(self, bundle, precision: str | None = None, intra_op_num_threads: int = 0, max_batch: int = 32,
+                 onnx_file: str | None = None):
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -54,7 +57,9 @@ class OrtBackend:
         if max_batch < 1:
             raise BackendError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = int(max_batch)
-        path = bundle.engine_path(self.precision)
+        if onnx_file is not None and onnx_file not in bundle.manifest["files"]:
+            raise BundleError(f"{bundle.root}: {onnx_file} is not a file of this bundle")
+        path = bundle.root / onnx_file if onnx_file is not None else bundle.engine_path(self.precision)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(intra_op_num_threads)
         opts.inter_op_num_threads = 1  # one graph, run sequentially: parallelism is inside the ops

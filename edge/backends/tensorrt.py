@@ -123,7 +123,8 @@ def find_plan(bundle, precision: str, running: dict) -> tuple[Path, dict]:
     except (OSError, ValueError) as exc:
         raise BackendError(f"{bundle.root / side}: unreadable sidecar: {exc}") from exc
     # the plan must come from this bundle's ONNX of that precision (a stale plan after a model update is refused)
-    check_sidecar(sidecar, running, precision, files.get(bundle.manifest["engines"].get(precision)),
+    source = bundle.tensorrt_sources.get(precision) or bundle.engines.get(precision)
+    check_sidecar(sidecar, running, precision, files.get(source),
                   str(bundle.root / want))
     return bundle.root / want, sidecar
 

@@ -21,6 +21,12 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, help="stop after this wall-clock budget (resumable); 0 = no limit")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 2; 1 when other work shares the CPU)")
     p.add_argument("--seed", type=int, help="seed of the split and the sampler (default 0)")
+    p.add_argument("--lr-decay-steps", type=int, help="anneal lr (cosine, to 5%%) over the last N steps (default 0: constant)")
+    p.add_argument("--stain-jitter", type=float, help="per-cell stain, saturation and white-balance jitter strength, "
+                   "for other labs' staining and microscopes (e.g. 0.05; default 0: off)")
+    p.add_argument("--blur-prob", type=float, help="fraction of training cells blurred by 0.3-1.2 px (default 0)")
+    p.epilog = ("The classifier's timestep range can get a larger share of training with t_focus = [100, 500] and "
+                "t_focus_frac = 0.5 in the --config TOML.")
     p.set_defaults(func=run)
 
 
