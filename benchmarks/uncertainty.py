@@ -10,7 +10,7 @@ and, for each anomaly protocol P (e.g. "loco_erythroblast", "bccd"), abnormal (o
     ood_P_normal_anomaly / ood_P_normal_errors: normal test cells scored by the same engine (default: the
         test split; give them when P used another engine, e.g. one trained without a class)
     ood_P_cal_anomaly / ood_P_cal_errors: normal calibration cells of that engine (default: the cal split)
-Prints: ECE before/after temperature scaling, coverage and error among accepted at alpha in {0.5, 1, 2, 5}%
+Prints: ECE before/after bias-corrected temperature scaling (T and one offset per class, as shipped), coverage and error among accepted at alpha in {0.5, 1, 2, 5}%
 (threshold fitted on the cal split by Learn then Test, measured on the test split), AURC, and for each
 protocol the AUROC of every candidate anomaly score and its detection rate at the false-alarm threshold.
 Writes uncertainty.json and PNGs (reliability, risk-coverage, anomaly histograms) into --out.
@@ -29,7 +29,8 @@ from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, auroc, conforma
                                  score_histograms)
 from calibration.fit import fit_calibration
 from calibration.risk import aurc, ltt_threshold, plot_risk_coverage
-from calibration.temperature import expected_calibration_error, fit_temperature, nll, reliability_diagram, softmax
+from calibration.temperature import (expected_calibration_error, fit_bias_temperature, fit_temperature, nll,
+                                     reliability_diagram, softmax)
 from edge.errors import CalibrationError
 from edge.postprocess import decide
 
@@ -101,15 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     classes = [str(c) for c in d["classes"]]
     yc, yt = d["cal_labels"].astype(np.int64), d["test_labels"].astype(np.int64)
 
-    t = fit_temperature(d["cal_logits"], yc)
-    pc, pt0, pt1 = softmax(d["cal_logits"], t), softmax(d["test_logits"]), softmax(d["test_logits"], t)
+    # What the bundle ships: bias-corrected temperature scaling (one T, one offset per class), as fit_calibration.
+    t, b = fit_bias_temperature(d["cal_logits"], yc)
+    t_only = fit_temperature(d["cal_logits"], yc)
+    shift = lambda logits: np.asarray(logits, np.float64) + b * t  # noqa: E731  softmax(shift(l), t) = softmax(l / t + b)
+    pc, pt0, pt1 = softmax(shift(d["cal_logits"]), t), softmax(d["test_logits"]), softmax(shift(d["test_logits"]), t)
     cal_conf, cal_ok = pc.max(1), pc.argmax(1) == yc
     conf, ok = pt1.max(1), pt1.argmax(1) == yt
     report: dict = {
-        "n_cal": len(yc), "n_test": len(yt), "classes": classes, "temperature": t,
-        "test_accuracy": float(ok.mean()),
+        "n_cal": len(yc), "n_test": len(yt), "classes": classes, "temperature": t, "class_bias": b.tolist(),
+        "test_accuracy": float(ok.mean()), "test_accuracy_raw": float((pt0.argmax(1) == yt).mean()),
+        "test_balanced_accuracy": float(np.mean([ok[yt == k].mean() for k in np.unique(yt)])),
+        "test_balanced_accuracy_raw": float(np.mean([(pt0.argmax(1) == yt)[yt == k].mean() for k in np.unique(yt)])),
         "test_ece_before": expected_calibration_error(pt0, yt), "test_ece_after": expected_calibration_error(pt1, yt),
-        "test_nll_before": nll(d["test_logits"], yt), "test_nll_after": nll(d["test_logits"], yt, t),
+        "test_ece_temperature_only": expected_calibration_error(softmax(d["test_logits"], t_only), yt),
+        "test_nll_before": nll(d["test_logits"], yt), "test_nll_after": nll(shift(d["test_logits"]), yt, t),
         "test_aurc": aurc(conf, ok), "delta": args.delta, "false_alarm": args.false_alarm,
         "selective": [selective(cal_conf, cal_ok, conf, ok, a, args.delta) for a in ALPHAS],
     }
@@ -132,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                          for name, p in protocols(d).items()}
     (out / "uncertainty.json").write_text(json.dumps(report, indent=2, allow_nan=False))
 
-    print(f"cells: cal {len(yc)}, test {len(yt)}; test accuracy {100 * report['test_accuracy']:.2f}%; temperature {t:.3f}")
-    print(f"ECE (15 bins) on test: {100 * report['test_ece_before']:.2f}% before, {100 * report['test_ece_after']:.2f}% after; "
+    print(f"cells: cal {len(yc)}, test {len(yt)}; test accuracy {100 * report['test_accuracy_raw']:.2f}% raw, "
+          f"{100 * report['test_accuracy']:.2f}% with the class offsets (balanced {100 * report['test_balanced_accuracy_raw']:.2f}"
+          f" -> {100 * report['test_balanced_accuracy']:.2f}%); temperature {t:.3f}, offsets {np.round(b, 2).tolist()}")
+    print(f"ECE (15 bins) on test: {100 * report['test_ece_before']:.2f}% before, {100 * report['test_ece_after']:.2f}% after "
+          f"({100 * report['test_ece_temperature_only']:.2f}% with the temperature alone); "
           f"NLL {report['test_nll_before']:.4f} -> {report['test_nll_after']:.4f} nats; AURC {100 * report['test_aurc']:.3f}%")
     print(f"\n{'alpha':>7} {'threshold':>10} {'coverage':>9} {'error':>7}   (bound holds with prob {1 - args.delta:g}; test split)")
     for s in report["selective"]:

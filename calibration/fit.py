@@ -1,6 +1,6 @@
 """Fit a bundle's calibration.json from engine outputs on labelled calibration cells, and apply it.
 
-Fit (numpy only): temperature (calibration.temperature), review threshold with a risk guarantee
+Fit (numpy only): temperature and per-class offsets (BCTS, calibration.temperature), review threshold with a risk guarantee
 (calibration.risk), anomaly threshold at a false-alarm rate (calibration.anomaly). Apply: the functions
 at the bottom turn one batch of engine outputs into calibrated probabilities and the chosen anomaly
 score; edge/postprocess.py uses them so the runtime and the fit can never disagree.
@@ -12,7 +12,7 @@ import numpy as np
 from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, best_error_level, conformal_threshold,
                                  fit_best_error_stats, min_normal_cells, zeta)
 from calibration.risk import aurc, ltt_threshold, min_cells
-from calibration.temperature import expected_calibration_error, fit_temperature, nll, softmax
+from calibration.temperature import expected_calibration_error, fit_bias_temperature, fit_temperature, nll, softmax
 from edge.errors import CalibrationError
 
 FORMAT = 1
@@ -21,13 +21,13 @@ REQUIRED_KEYS = ("format", "classes", "temperature", "review_threshold", "anomal
 
 def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray, labels: np.ndarray,
                     classes: list[str], alpha: float = 0.01, delta: float = 0.1, false_alarm: float = 0.02,
-                    anomaly_score: str = "engine", calibset_sha256: str | None = None) -> dict:
+                    anomaly_score: str = "engine", calibset_sha256: str | None = None, class_bias: bool = True) -> dict:
     """Engine outputs on labelled normal cells -> the calibration.json dict (JSON-ready, format 1).
 
     logits, errors: float [N, K]; anomaly: float [N] (the engine's score, higher = more anomalous);
     labels: int [N] indices into ``classes`` (K names). Cells with a non-finite output are left out of the
-    fit (the runtime never accepts them) and counted in metrics["n_nonfinite"]. The temperature and both
-    thresholds are fitted on the same cells. Raises CalibrationError when there are too few cells (the
+    fit (the runtime never accepts them) and counted in metrics["n_nonfinite"]. The temperature (and, with
+    ``class_bias``, one offset per class: BCTS) and both thresholds are fitted on the same cells. Raises CalibrationError when there are too few cells (the
     message names the minimum), when labels or shapes do not match, or when no threshold can be certified.
     """
     logits, errors = np.asarray(logits, np.float64), np.asarray(errors, np.float64)
@@ -47,8 +47,11 @@ def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray,
                                f"{false_alarm:g}: got {int(finite.sum())} usable, need at least {need}")
     lg, er, an, y = logits[finite], errors[finite], anomaly[finite], labels[finite]
 
-    temperature = fit_temperature(lg, y)
-    p0, p1 = softmax(lg), softmax(lg, temperature)
+    if class_bias:
+        temperature, bias = fit_bias_temperature(lg, y)
+    else:
+        temperature, bias = fit_temperature(lg, y), np.zeros(k)
+    p0, p1 = softmax(lg), softmax(lg + bias * temperature, temperature)
     conf, correct = p1.max(1), p1.argmax(1) == y
     rt = ltt_threshold(conf, correct, alpha, delta)
     if not np.isfinite(rt.threshold):
@@ -63,6 +66,7 @@ def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray,
         "format": FORMAT,
         "classes": list(classes),
         "temperature": temperature,
+        "class_bias": [float(v) for v in bias],
         "review_threshold": rt.threshold,
         "alpha": alpha,
         "delta": delta,
@@ -74,10 +78,11 @@ def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray,
         "calibset_sha256": calibset_sha256,
         "metrics": {
             "accuracy": float(correct.mean()),
+            "accuracy_before": float((lg.argmax(1) == y).mean()),
             "ece_before": expected_calibration_error(p0, y),
             "ece_after": expected_calibration_error(p1, y),
             "nll_before": nll(lg, y),
-            "nll_after": nll(lg, y, temperature),
+            "nll_after": nll(lg + bias * temperature, y, temperature),
             "coverage": rt.n_accepted / n,
             "risk_accepted": rt.risk,
             "n_accepted": rt.n_accepted,
@@ -105,11 +110,19 @@ def check_calibration(calibration: dict, classes: list[str]) -> None:
         raise CalibrationError("calibration uses best_error but has no best_error_stats")
     if not float(calibration["temperature"]) > 0:
         raise CalibrationError(f"calibration temperature must be > 0, got {calibration['temperature']}")
+    bias = calibration.get("class_bias")
+    if bias is not None and (len(bias) != len(classes) or not np.isfinite(np.asarray(bias, np.float64)).all()):
+        raise CalibrationError(f"calibration class_bias must hold {len(classes)} finite numbers, got {bias}")
 
 
 def calibrated_probs(logits: np.ndarray, calibration: dict | None) -> np.ndarray:
-    """float [N, K] logits -> float64 [N, K] softmax(logits / T), T = 1 without calibration. Finite rows only."""
-    return softmax(logits, 1.0 if calibration is None else float(calibration["temperature"]))
+    """float [N, K] logits -> float64 [N, K] softmax(logits / T + b), T = 1 and b = 0 without calibration (b: the
+    calibration's class_bias, 0 in calibrations made before it existed). Finite rows only."""
+    if calibration is None:
+        return softmax(logits)
+    t = float(calibration["temperature"])
+    bias = np.asarray(calibration.get("class_bias") or np.zeros(np.shape(logits)[1]), np.float64)
+    return softmax(np.asarray(logits, np.float64) + bias * t, t)
 
 
 def apply_anomaly_score(errors: np.ndarray, anomaly: np.ndarray, calibration: dict | None) -> np.ndarray:

@@ -15,7 +15,7 @@ from calibration.calibset import crops_sha256, stratified_sample
 from calibration.fit import apply_anomaly_score, calibrated_probs, check_calibration, fit_calibration
 from calibration.risk import (aurc, binom_cdf, ltt_threshold, min_cells, plot_risk_coverage,
                               risk_coverage_curve)
-from calibration.temperature import (expected_calibration_error, fit_temperature, nll, reliability_diagram,
+from calibration.temperature import (expected_calibration_error, fit_bias_temperature, fit_temperature, nll, reliability_diagram,
                                      softmax)
 from edge.errors import CalibrationError
 
@@ -42,6 +42,23 @@ def test_temperature_scaling_lowers_ece_of_overconfident_logits():
     assert before > 0.1 and after < 0.03 and after < before / 4
     assert nll(logits, labels, t) < nll(logits, labels)
     assert (softmax(logits, t).argmax(1) == softmax(logits).argmax(1)).all()  # scaling never changes the label
+
+
+def test_bias_temperature_recovers_class_offsets_and_fixes_labels():
+    logits, labels = overconfident(8000, scale=2.0, seed=3)
+    shift = np.array([1.5, 0, 0, -1.0, 0, 0, 0, 0])  # the model under-reports class 0 and over-reports class 3
+    seen = logits - shift * 2.0
+    t, b = fit_bias_temperature(seen, labels)
+    assert 1.7 < t < 2.3 and abs(b.mean()) < 1e-9
+    assert np.abs((b - b.mean()) - (shift - shift.mean())).max() < 0.25  # the offsets come back (in 1/T units)
+    fixed = softmax(seen + b * t, t).argmax(1)
+    assert (fixed == labels).mean() > (seen.argmax(1) == labels).mean() + 0.01
+    assert nll(seen + b * t, labels, t) < nll(seen, labels, fit_temperature(seen, labels))
+    # a class with too few cells gets no offset: plain temperature scaling
+    few = labels != 5
+    few[np.flatnonzero(labels == 5)[:3]] = True
+    t2, b2 = fit_bias_temperature(seen[few], labels[few])
+    assert np.all(b2 == 0) and t2 == pytest.approx(fit_temperature(seen[few], labels[few]))
 
 
 def test_ece_by_hand():
@@ -234,7 +251,12 @@ def test_fit_calibration_writes_a_complete_json_ready_dict():
     assert 0 < cal["review_threshold"] < 1 and cal["temperature"] > 1
     # the apply functions reproduce the fit
     probs = calibrated_probs(logits[:5], cal)
-    assert np.allclose(probs, softmax(logits[:5], cal["temperature"]))
+    t, b = cal["temperature"], np.array(cal["class_bias"])
+    assert len(b) == 8 and np.allclose(probs, softmax(logits[:5] / t + b))
+    old = {k: v for k, v in cal.items() if k != "class_bias"}  # calibrations written before class_bias existed
+    assert np.allclose(calibrated_probs(logits[:5], old), softmax(logits[:5], t))
+    plain = fit_calibration(logits, errors, anomaly, labels, CLASSES, class_bias=False)
+    assert plain["class_bias"] == [0.0] * 8 and plain["metrics"]["accuracy"] == plain["metrics"]["accuracy_before"]
     assert np.allclose(apply_anomaly_score(errors, anomaly, cal), anomaly)
 
 
@@ -261,6 +283,11 @@ def test_fit_calibration_refusals():
 
 
 def test_check_calibration_refuses_other_classes_and_formats():
+    logits, errors, anomaly, labels = synthetic_engine(1000)
+    cal = fit_calibration(logits, errors, anomaly, labels, CLASSES, alpha=0.05)
+    for bad in ([0.0] * 7, [0.0] * 7 + [float("nan")]):
+        with pytest.raises(CalibrationError, match="class_bias must hold 8 finite numbers"):
+            check_calibration({**cal, "class_bias": bad}, CLASSES)
     logits, errors, anomaly, labels = synthetic_engine(1000)
     cal = fit_calibration(logits, errors, anomaly, labels, CLASSES, alpha=0.05)
     with pytest.raises(CalibrationError, match="differ"):
