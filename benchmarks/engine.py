@@ -111,6 +111,7 @@ def load_cells(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def run(args) -> dict:
     import torch
 
+    from calibration.fit import calibrated_probs
     from edge.backends import load_backend
     from edge.bundle import load_bundle
     from edge.errors import BackendError
@@ -159,7 +160,9 @@ def run(args) -> dict:
 
     def engine_row(name: str, infer, evals: int, flops: float) -> None:
         say(f"{name} ...")
-        pred = np.concatenate([infer(cells[i:i + 32])["logits"].argmax(1) for i in range(0, len(cells), 32)])
+        # the runtime's label: argmax of the calibrated probabilities (temperature and class offsets)
+        pred = np.concatenate([calibrated_probs(infer(cells[i:i + 32])["logits"], bundle.calibration).argmax(1)
+                               for i in range(0, len(cells), 32)])
         row = {"variant": name, **time_batches(infer, cells), "evals_per_cell": evals, "flops_per_cell": flops,
                "agreement": float(np.mean(pred[:nt] == t_label)),
                "balanced_accuracy": balanced_accuracy(pred, truth), "n_cells": len(cells), "labels": pred}

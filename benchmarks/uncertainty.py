@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder for uncertainty.json and the PNGs")
     ap.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the risk bound (default 0.1)")
     ap.add_argument("--false-alarm", type=float, default=0.02, help="false-alarm rate on normal cells (default 0.02)")
+    ap.add_argument("--teacher-val", help="the teacher's full labels on the test split (distill's teacher_val.npz): "
+                    "adds the agreement of the engine's raw and calibrated labels with the teacher")
     ap.add_argument("--anomaly-score", default="engine", choices=ANOMALY_SCORES,
                     help="anomaly score of the full calibration (alpha 1%%) applied to the test split (default engine)")
     args = ap.parse_args(argv)
@@ -120,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         "test_aurc": aurc(conf, ok), "delta": args.delta, "false_alarm": args.false_alarm,
         "selective": [selective(cal_conf, cal_ok, conf, ok, a, args.delta) for a in ALPHAS],
     }
+    if args.teacher_val:
+        with np.load(args.teacher_val) as z:
+            tl = z["label"]
+        if len(tl) != len(yt):
+            raise SystemExit(f"{args.teacher_val}: {len(tl)} teacher labels for {len(yt)} test cells")
+        report["teacher_agreement_raw"] = float((pt0.argmax(1) == tl).mean())
+        report["teacher_agreement"] = float((pt1.argmax(1) == tl).mean())
+        report["teacher_accuracy"] = float((tl == yt).mean())
+        report["teacher_balanced_accuracy"] = float(np.mean([(tl == yt)[yt == k].mean() for k in np.unique(yt)]))
     reliability_diagram({"before": pt0, "after": pt1}, yt, out / "reliability.png", title=f"Test split, T={t:.2f}")
     marks = {f"alpha {100 * s['alpha']:g}%": (s["test_coverage"], s["test_risk"]) for s in report["selective"] if "threshold" in s}
     plot_risk_coverage(conf, ok, out / "risk_coverage.png", marks, title="Test split (calibrated confidence)")
@@ -142,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cells: cal {len(yc)}, test {len(yt)}; test accuracy {100 * report['test_accuracy_raw']:.2f}% raw, "
           f"{100 * report['test_accuracy']:.2f}% with the class offsets (balanced {100 * report['test_balanced_accuracy_raw']:.2f}"
           f" -> {100 * report['test_balanced_accuracy']:.2f}%); temperature {t:.3f}, offsets {np.round(b, 2).tolist()}")
+    if "teacher_agreement" in report:
+        print(f"agreement with the teacher's labels: {100 * report['teacher_agreement_raw']:.2f}% raw, "
+              f"{100 * report['teacher_agreement']:.2f}% calibrated (teacher accuracy {100 * report['teacher_accuracy']:.2f}%, "
+              f"balanced {100 * report['teacher_balanced_accuracy']:.2f}%)")
     print(f"ECE (15 bins) on test: {100 * report['test_ece_before']:.2f}% before, {100 * report['test_ece_after']:.2f}% after "
           f"({100 * report['test_ece_temperature_only']:.2f}% with the temperature alone); "
           f"NLL {report['test_nll_before']:.4f} -> {report['test_nll_after']:.4f} nats; AURC {100 * report['test_aurc']:.3f}%")

@@ -39,10 +39,20 @@ def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
     spec = importlib.util.spec_from_file_location("uncertainty_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main([str(tmp_path / "outputs.npz"), "--out", str(tmp_path / "report")]) == 0
+    # a "teacher" that agrees with the truth on the first 2,700 test cells and is off by one class on the rest
+    teacher = arrays["test_labels"].copy()
+    teacher[2700:] = (teacher[2700:] + 1) % 8
+    np.savez(tmp_path / "teacher_val.npz", label=teacher)
+    assert bench.main([str(tmp_path / "outputs.npz"), "--out", str(tmp_path / "report"),
+                       "--teacher-val", str(tmp_path / "teacher_val.npz")]) == 0
 
     report = json.loads((tmp_path / "report" / "uncertainty.json").read_text())
     assert report["test_ece_after"] < report["test_ece_before"]
+    assert report["teacher_accuracy"] == pytest.approx(0.9)
+    raw_ok = arrays["test_logits"].argmax(1) == arrays["test_labels"]
+    assert report["test_accuracy_raw"] == pytest.approx(raw_ok.mean())
+    assert report["teacher_agreement_raw"] == pytest.approx((arrays["test_logits"].argmax(1) == teacher).mean())
+    assert len(report["class_bias"]) == 8 and abs(report["test_accuracy"] - report["test_accuracy_raw"]) < 0.02
     for s in report["selective"]:
         assert "refused" in s or s["test_risk"] <= 2 * s["alpha"] + 0.01
     assert [s["alpha"] for s in report["selective"]] == [0.005, 0.01, 0.02, 0.05]
