@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, auroc, conformal_threshold, fit_best_error_stats,
-                                 score_histograms)
+from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, auroc, conformal_threshold,
+                                 crossfit_profile_distance, fit_best_error_stats, fit_profile_stats, score_histograms)
 from calibration.fit import fit_calibration
 from calibration.risk import aurc, ltt_threshold, plot_risk_coverage
 from calibration.temperature import (expected_calibration_error, fit_bias_temperature, fit_temperature, nll,
@@ -71,8 +71,11 @@ def anomaly_protocol(name: str, p: dict, d, false_alarm: float, calibration: dic
     cal_e = p.get("cal_errors", d["cal_errors"] if "cal_anomaly" not in p else None)
     have_errors = "errors" in p and normal_e is not None and cal_e is not None
     stats = fit_best_error_stats(cal_e) if have_errors else None
-    score = lambda e, a: anomaly_scores(e, a, stats) if have_errors else {"engine": np.asarray(a, np.float64)}  # noqa: E731
+    profile = fit_profile_stats(cal_e) if have_errors else None
+    score = lambda e, a: anomaly_scores(e, a, stats, profile) if have_errors else {"engine": np.asarray(a, np.float64)}  # noqa: E731
     cal_s, norm_s, ood_s = score(cal_e, cal_a), score(normal_e, normal_a), score(p.get("errors"), p["anomaly"])
+    if have_errors:  # as fit_calibration: the profile threshold from out-of-fold distances of the cal cells
+        cal_s["error_profile"] = crossfit_profile_distance(cal_e)
     res: dict = {"n_normal": len(normal_a), "n_abnormal": len(p["anomaly"]), "scores": {}}
     for s in ood_s:
         thr = conformal_threshold(cal_s[s], false_alarm)
@@ -172,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
           f"; error among accepted {100 * sc['test_error_among_accepted']:.2f}%"))
     for name, r in report["anomaly"].items():
         print(f"\nanomaly protocol {name}: {r['n_abnormal']} abnormal vs {r['n_normal']} normal cells")
-        print(f"  {'score':>10} {'AUROC':>7} {'detected':>9} {'false alarm':>12}   (threshold at {100 * args.false_alarm:g}% on cal)")
+        print(f"  {'score':>13} {'AUROC':>7} {'detected':>9} {'false alarm':>12}   (threshold at {100 * args.false_alarm:g}% on cal)")
         for s, v in r["scores"].items():
-            print(f"  {s:>10} {v['auroc']:7.4f} {100 * v['detection_rate']:8.1f}% {100 * v['test_false_alarm']:11.2f}%")
+            print(f"  {s:>13} {v['auroc']:7.4f} {100 * v['detection_rate']:8.1f}% {100 * v['test_false_alarm']:11.2f}%")
         if "states_with_shipped_calibration" in r:
             print("  with the full calibration: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["states_with_shipped_calibration"].items()))
     print(f"\nwrote {out / 'uncertainty.json'} and PNGs")

@@ -7,6 +7,10 @@ Every score here follows one convention: higher = more anomalous. Candidate scor
   large zeta, so -zeta is high when no class explains the cell much better than the others.
 - "best_error": the best (lowest) class error standardised against its distribution on normal cells
   predicted as the same class: a cell that no class denoises well is unlike the training data.
+- "error_profile": the Mahalanobis distance of the cell's log class errors (all K of them, the error
+  profile) from those of normal cells predicted as the same class (Lee et al. 2018's OOD score, on the
+  diffusion classifier's error vector; covariance with Ledoit-Wolf shrinkage). A cell can fit its best class
+  as well as normal cells do and still be abnormal in how the other classes fit it.
 Which separates abnormal cells better is measured (benchmarks/uncertainty.py), not assumed.
 """
 from __future__ import annotations
@@ -18,9 +22,10 @@ import numpy as np
 
 from edge.errors import CalibrationError
 
-ANOMALY_SCORES = ("engine", "neg_zeta", "best_error")
+ANOMALY_SCORES = ("engine", "neg_zeta", "best_error", "error_profile")
 N_RUNNERS = 10  # runners-up used by zeta, as in CytoDiffusion
 MIN_CLASS_CELLS = 10  # fewer normal cells predicted as a class -> use the pooled best-error statistics
+MIN_PROFILE_CELLS = 30  # the same for error profiles (a K x K covariance needs more cells)
 
 
 def zeta(errors: np.ndarray, n_runners: int = N_RUNNERS) -> np.ndarray:
@@ -61,11 +66,79 @@ def best_error_level(errors: np.ndarray, stats: dict) -> np.ndarray:
     return (errors[np.arange(len(c)), c] - mean[c]) / std[c]
 
 
-def anomaly_scores(errors: np.ndarray, engine_anomaly: np.ndarray, stats: dict | None = None) -> dict[str, np.ndarray]:
-    """Every candidate score (higher = more anomalous), float64 [N] each; "best_error" only when stats are given."""
+def _log_errors(errors: np.ndarray) -> np.ndarray:
+    errors = np.asarray(errors, np.float64)
+    if errors.ndim != 2 or errors.shape[1] < 2:
+        raise CalibrationError(f"error profiles need errors [N, K] with K >= 2, got {errors.shape}")
+    return np.log(np.maximum(errors, 1e-12))
+
+
+def _shrunk_precision(x: np.ndarray) -> np.ndarray:
+    """Rows [n, K] -> inverse of the Ledoit-Wolf shrunk covariance [K, K] (shrinkage estimated from the data)."""
+    xc = x - x.mean(axis=0)
+    n, k = xc.shape
+    cov = xc.T @ xc / n
+    mu = np.trace(cov) / k
+    target = mu * np.eye(k)
+    d2 = float(((cov - target) ** 2).sum())
+    b2 = float(sum(((np.outer(r, r) - cov) ** 2).sum() for r in xc)) / n ** 2
+    shrink = 1.0 if d2 <= 0 else min(b2, d2) / d2
+    return np.linalg.inv(shrink * target + (1 - shrink) * cov + 1e-12 * max(mu, 1e-12) * np.eye(k))
+
+
+def fit_profile_stats(errors: np.ndarray) -> dict:
+    """Errors float [N, K] of normal cells -> {"mean": [K][K], "precision": [K][K][K]}: per predicted class
+    (argmin), the mean log-error profile and its shrunk inverse covariance; pooled for classes predicted fewer
+    than MIN_PROFILE_CELLS times."""
+    le = _log_errors(errors)
+    n, k = le.shape
+    if n < MIN_PROFILE_CELLS:
+        raise CalibrationError(f"error-profile statistics need at least {MIN_PROFILE_CELLS} normal cells, got {n}")
+    pred = le.argmin(axis=1)
+    pooled = (le.mean(axis=0), _shrunk_precision(le))
+    mean, prec = [], []
+    for c in range(k):
+        rows = le[pred == c]
+        m, p = (rows.mean(axis=0), _shrunk_precision(rows)) if len(rows) >= MIN_PROFILE_CELLS else pooled
+        mean.append(m.tolist())
+        prec.append(p.tolist())
+    return {"mean": mean, "precision": prec}
+
+
+def profile_distance(errors: np.ndarray, stats: dict) -> np.ndarray:
+    """Errors float [N, K] -> float64 [N] squared Mahalanobis distance of the log-error profile from the
+    normal profile of its predicted class; higher = more unusual."""
+    le = _log_errors(errors)
+    mean, prec = np.asarray(stats["mean"], np.float64), np.asarray(stats["precision"], np.float64)
+    if mean.shape != (le.shape[1], le.shape[1]) or prec.shape != (le.shape[1],) * 3:
+        raise CalibrationError(f"error-profile statistics are for {len(mean)} classes, errors have {le.shape[1]}")
+    c = le.argmin(axis=1)
+    d = le - mean[c]
+    return np.einsum("ni,nij,nj->n", d, prec[c], d)
+
+
+def crossfit_profile_distance(errors: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold profile distances float64 [N] of the cells ``fit_profile_stats`` is fitted on: each fold is
+    scored by statistics fitted on the others, so a threshold set on them holds for new cells (in-sample
+    distances are too small: the statistics have ~K^2 parameters per class)."""
+    errors = np.asarray(errors, np.float64)
+    order = np.random.default_rng(seed).permutation(len(errors))
+    out = np.empty(len(errors))
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        out[part] = profile_distance(errors[part], fit_profile_stats(errors[rest]))
+    return out
+
+
+def anomaly_scores(errors: np.ndarray, engine_anomaly: np.ndarray, stats: dict | None = None,
+                   profile_stats: dict | None = None) -> dict[str, np.ndarray]:
+    """Every candidate score (higher = more anomalous), float64 [N] each; "best_error" only when stats are
+    given, "error_profile" only when profile_stats are."""
     out = {"engine": np.asarray(engine_anomaly, np.float64), "neg_zeta": -zeta(errors)}
     if stats is not None:
         out["best_error"] = best_error_level(errors, stats)
+    if profile_stats is not None:
+        out["error_profile"] = profile_distance(errors, profile_stats)
     return out
 
 

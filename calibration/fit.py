@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, best_error_level, conformal_threshold,
-                                 fit_best_error_stats, min_normal_cells, zeta)
+                                 crossfit_profile_distance, fit_best_error_stats, fit_profile_stats, min_normal_cells,
+                                 profile_distance, zeta)
 from calibration.risk import aurc, ltt_threshold, min_cells
 from calibration.temperature import expected_calibration_error, fit_bias_temperature, fit_temperature, nll, softmax
 from edge.errors import CalibrationError
@@ -60,7 +61,9 @@ def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray,
                                f"ones hold too many errors); use more cells or a larger alpha")
 
     stats = fit_best_error_stats(er)
-    score = anomaly_scores(er, an, stats)[anomaly_score]
+    profile = fit_profile_stats(er) if anomaly_score == "error_profile" else None
+    # error_profile: the threshold comes from out-of-fold distances (in-sample ones are too small)
+    score = crossfit_profile_distance(er) if profile else anomaly_scores(er, an, stats)[anomaly_score]
     a_thr = conformal_threshold(score, false_alarm)
     return {
         "format": FORMAT,
@@ -73,6 +76,7 @@ def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray,
         "anomaly_threshold": a_thr,
         "anomaly_score": anomaly_score,
         "best_error_stats": stats,
+        **({"error_profile_stats": profile} if profile else {}),
         "false_alarm": false_alarm,
         "n_cells": int(n),
         "calibset_sha256": calibset_sha256,
@@ -108,6 +112,11 @@ def check_calibration(calibration: dict, classes: list[str]) -> None:
         raise CalibrationError(f"calibration names unknown anomaly score {calibration['anomaly_score']!r}")
     if calibration["anomaly_score"] == "best_error" and "best_error_stats" not in calibration:
         raise CalibrationError("calibration uses best_error but has no best_error_stats")
+    if calibration["anomaly_score"] == "error_profile":
+        prof = calibration.get("error_profile_stats") or {}
+        k = len(classes)
+        if np.shape(prof.get("mean")) != (k, k) or np.shape(prof.get("precision")) != (k, k, k):
+            raise CalibrationError(f"calibration uses error_profile but its error_profile_stats are not for {k} classes")
     if not float(calibration["temperature"]) > 0:
         raise CalibrationError(f"calibration temperature must be > 0, got {calibration['temperature']}")
     bias = calibration.get("class_bias")
@@ -132,4 +141,6 @@ def apply_anomaly_score(errors: np.ndarray, anomaly: np.ndarray, calibration: di
         return np.asarray(anomaly, np.float64)
     if name == "neg_zeta":
         return -zeta(errors)
+    if name == "error_profile":
+        return profile_distance(errors, calibration["error_profile_stats"])
     return best_error_level(errors, calibration["best_error_stats"])

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from calibration.anomaly import (anomaly_scores, auroc, best_error_level, conformal_threshold, fit_best_error_stats,
-                                 min_normal_cells, score_histograms, zeta)
+from calibration.anomaly import (anomaly_scores, auroc, best_error_level, conformal_threshold,
+                                 crossfit_profile_distance, fit_best_error_stats, fit_profile_stats, min_normal_cells,
+                                 profile_distance, score_histograms, zeta)
 from calibration.calibset import crops_sha256, stratified_sample
 from calibration.fit import apply_anomaly_score, calibrated_probs, check_calibration, fit_calibration
 from calibration.risk import (aurc, binom_cdf, ltt_threshold, min_cells, plot_risk_coverage,
@@ -191,6 +192,48 @@ def test_conformal_threshold_with_ties_and_refusal():
         conformal_threshold(np.arange(48.0), 0.02)
 
 
+def profile_cells(n: int, rng: np.random.Generator, odd: bool = False) -> np.ndarray:
+    """Class errors [n, 4] of a 4-class model: the best class at ~2, the runners-up in a fixed pattern per class
+    (class c is confused with class c+1: its error there is lower). ``odd`` cells fit their best class just as
+    well (same best-error level) but the runner-up pattern is another class's."""
+    c = rng.integers(0, 4, n)
+    e = 10.0 + rng.normal(0, 0.3, (n, 4))
+    e[np.arange(n), (c + (2 if odd else 1)) % 4] = 6.0 + rng.normal(0, 0.3, n)
+    e[np.arange(n), c] = 2.0 + rng.normal(0, 0.2, n)
+    return e
+
+
+def test_error_profile_sees_what_the_best_error_cannot():
+    rng = np.random.default_rng(0)
+    cal, normal, odd = profile_cells(1000, rng), profile_cells(500, rng), profile_cells(500, rng, odd=True)
+    prof, stats = fit_profile_stats(cal), fit_best_error_stats(cal)
+    s_norm, s_odd = anomaly_scores(normal, np.zeros(500), stats, prof), anomaly_scores(odd, np.zeros(500), stats, prof)
+    assert abs(auroc(s_norm["best_error"], s_odd["best_error"]) - 0.5) < 0.1
+    assert auroc(s_norm["error_profile"], s_odd["error_profile"]) > 0.95
+    assert np.shape(prof["mean"]) == (4, 4) and np.shape(prof["precision"]) == (4, 4, 4)
+    # a class predicted too rarely uses the pooled statistics
+    rare = cal[cal.argmin(1) != 3]
+    rare = np.concatenate([rare, cal[cal.argmin(1) == 3][:5]])
+    pooled = fit_profile_stats(rare)
+    assert pooled["mean"][3] == pytest.approx(np.log(rare).mean(0).tolist())
+    with pytest.raises(CalibrationError, match="at least 30 normal cells"):
+        fit_profile_stats(cal[:10])
+    with pytest.raises(CalibrationError, match="for 4 classes, errors have 3"):
+        profile_distance(cal[:, :3], prof)
+
+
+def test_crossfitted_profile_threshold_keeps_the_false_alarm_rate():
+    """The threshold from out-of-fold distances holds on new normal cells; from in-sample distances it does not."""
+    cross, insample = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        cal, fresh = profile_cells(300, rng), profile_cells(4000, rng)
+        d_new = profile_distance(fresh, fit_profile_stats(cal))
+        cross.append((d_new >= conformal_threshold(crossfit_profile_distance(cal, seed=seed), 0.02)).mean())
+        insample.append((d_new >= conformal_threshold(profile_distance(cal, fit_profile_stats(cal)), 0.02)).mean())
+    assert np.mean(cross) <= 0.03 and np.mean(insample) > np.mean(cross)
+
+
 def test_best_error_level_standardises_per_predicted_class():
     rng = np.random.default_rng(0)
     errors = rng.normal(10.0, 1.0, (400, 3))
@@ -260,12 +303,17 @@ def test_fit_calibration_writes_a_complete_json_ready_dict():
     assert np.allclose(apply_anomaly_score(errors, anomaly, cal), anomaly)
 
 
-@pytest.mark.parametrize("name", ["neg_zeta", "best_error"])
+@pytest.mark.parametrize("name", ["neg_zeta", "best_error", "error_profile"])
 def test_fit_calibration_with_computed_anomaly_scores(name):
     logits, errors, anomaly, labels = synthetic_engine(1000)
     cal = fit_calibration(logits, errors, anomaly, labels, CLASSES, alpha=0.05, anomaly_score=name)
     score = apply_anomaly_score(errors, anomaly, cal)
     assert (score >= cal["anomaly_threshold"]).mean() <= 0.02 + 1e-9
+    json.dumps(cal, allow_nan=False)
+    check_calibration(cal, CLASSES)
+    if name == "error_profile":
+        with pytest.raises(CalibrationError, match="error_profile_stats are not for 8 classes"):
+            check_calibration({k: v for k, v in cal.items() if k != "error_profile_stats"}, CLASSES)
 
 
 def test_fit_calibration_refusals():

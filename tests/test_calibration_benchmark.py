@@ -57,7 +57,7 @@ def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
         assert "refused" in s or s["test_risk"] <= 2 * s["alpha"] + 0.01
     assert [s["alpha"] for s in report["selective"]] == [0.005, 0.01, 0.02, 0.05]
     scores = report["anomaly"]["novel"]["scores"]
-    assert set(scores) == {"engine", "neg_zeta", "best_error"}
+    assert set(scores) == {"engine", "neg_zeta", "best_error", "error_profile"}
     assert abs(scores["engine"]["auroc"] - 0.5) < 0.1  # the uninformative score is measured as such
     assert scores["neg_zeta"]["auroc"] > scores["engine"]["auroc"] + 0.15
     assert "states_with_shipped_calibration" in report["anomaly"]["novel"]

@@ -37,7 +37,7 @@ class ExportConfig:
     alpha: float = 0.01  # calibration: error bound among accepted cells
     delta: float = 0.1
     false_alarm: float = 0.02
-    anomaly_score: str = "engine"
+    anomaly_score: str = "error_profile"  # measured best (benchmarks/uncertainty.py): BCCD and held-out-class AUROC
     ship_teacher: bool = True  # put teacher.safetensors + teacher.json in the bundle (for --teacher)
     name: str = "cytoedge-pbc"
     threads: int = 2
