@@ -217,7 +217,11 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed + state["step"])
     tgt_cells = torch.from_numpy(crops[tgt_idx].transpose(0, 3, 1, 2).copy())
     p_teacher = torch.softmax(-b * torch.from_numpy(tgt["errors"] - tgt["errors"].min(1, keepdims=True)).float(), 1)
-    denoise = _Batches(crops, labels, splits["train"], 32, cfg.seed + 7 + state["step"])
+    # the denoising term sees the teacher's own training augmentation (stain jitter, blur), so the student keeps
+    # the robustness the teacher learnt from it
+    aug = teacher.meta.get("train_config", {})
+    denoise = _Batches(crops, labels, splits["train"], 32, cfg.seed + 7 + state["step"],
+                       float(aug.get("stain_jitter", 0.0)), float(aug.get("blur_prob", 0.0)))
     abar = teacher.abar
     t_start = time.time()
 
