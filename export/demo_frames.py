@@ -43,6 +43,7 @@ CELL_UM = {
     "monocyte": (19.0, 15.9), "ig": (17.5, 14.3), "erythroblast": (12.0, 9.3),
 }
 ODD_KINDS = ("blast", "smudge")
+MIN_CANDIDATES = 12  # teacher draws per class at least, when picking typical cells
 # Per field: the white cells placed (teacher or placeholder) and the odd ones (procedural). A normal
 # differential (neutrophils ~50%, lymphocytes ~25%, monocytes, one eosinophil and basophil) plus the cells
 # that must raise alerts: an immature granulocyte and an erythroblast (abnormal in peripheral blood), a blast.
@@ -229,8 +230,9 @@ def seen_by_runtime(crops: np.ndarray, label: str, cfg: "DemoFramesConfig", seed
 
 
 def pick_typical(sample, bundle_dir: str | None, oversample: int, cfg: "DemoFramesConfig | None" = None):
-    """Wrap ``sample(label, n, seed)``: draw ``oversample`` x n candidates and keep the n that the bundle's engine
-    (ONNX Runtime, calibrated) gives the highest probability of ``label`` *as the runtime will see them*: each
+    """Wrap ``sample(label, n, seed)``: draw ``oversample`` x n candidates (at least MIN_CANDIDATES) and keep the n
+    that the bundle's engine (ONNX Runtime, calibrated) gives the highest probability of ``label`` *as the runtime
+    will see them*, not flagged abnormal: each
     candidate is composed into a small field and cropped by the daemon's own path (``seen_by_runtime``); a
     candidate the detector misses scores 0. Poor teacher draws are not the runtime's fault, so they are not
     shown; how the runtime then does on the real frames is measured by ``benchmarks/demo_flags.py``.
@@ -244,7 +246,7 @@ def pick_typical(sample, bundle_dir: str | None, oversample: int, cfg: "DemoFram
     cfg = cfg or DemoFramesConfig()
 
     def wrapped(label: str, n: int, seed: int) -> np.ndarray:
-        cand = sample(label, n * oversample, seed)
+        cand = sample(label, max(n * oversample, MIN_CANDIDATES), seed)  # rare classes (one cell) get a fair pick too
         seen = seen_by_runtime(cand, label, cfg, seed)
         found = [i for i, c in enumerate(seen) if c is not None]
         p = np.zeros(len(cand))
