@@ -1,12 +1,16 @@
 """``cytoedge generate``: class-conditional sampling from the teacher (needs the export extra)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="sample synthetic cells of one class from the diffusion teacher",
+    p = sub.add_parser("generate", help="sample synthetic cells of one class (or all) from the diffusion teacher",
                        description="Class-conditional DDIM sampling from the bundle's teacher: writes N PNG crops "
-                       "(<label>_0000.png ...) and a contact sheet (<label>_sheet.png) into --out. Needs the 'export' extra.")
-    p.add_argument("--label", required=True, help="class name, e.g. neutrophil")
+                       "(<label>_0000.png ...) and a contact sheet (<label>_sheet.png) into --out. With --label all, "
+                       "every class, and all_sheet.png with one row per class (column j of every row starts from the "
+                       "same noise, so the rows show what the class condition changes). Needs the 'export' extra.")
+    p.add_argument("--label", required=True, help="class name, e.g. neutrophil, or 'all'")
     p.add_argument("-n", type=int, default=16, help="number of cells (default 16)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bundle", help="model bundle folder (default: the bundled model)")
@@ -24,6 +28,20 @@ def run(args) -> int:
 
     bundle = load_bundle(args.bundle)
     teacher = load_teacher(bundle.root)
-    paths = write_samples(sample_cells(teacher, args.label, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance), args.out, args.label)
-    print(f"wrote {len(paths) - 1} cells and {paths[-1]}")
+    labels = list(teacher.cfg.classes) if args.label == "all" else [args.label]
+    rows = []
+    for label in labels:
+        cells = sample_cells(teacher, label, args.n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+        paths = write_samples(cells, args.out, label)
+        rows.append(cells)
+        print(f"wrote {len(paths) - 1} cells and {paths[-1]}")
+    if args.label == "all":
+        import cv2
+        import numpy as np
+
+        from export.generate import contact_sheet
+
+        sheet = Path(args.out) / "all_sheet.png"
+        cv2.imwrite(str(sheet), cv2.cvtColor(contact_sheet(np.concatenate(rows), cols=args.n), cv2.COLOR_RGB2BGR))
+        print(f"wrote {sheet} (rows: {', '.join(labels)})")
     return 0
