@@ -251,7 +251,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         state["step"] += 1
-        state["log"].append((state["step"], float(kl), float(dn), float(log_a.exp())))
+        state["log"].append((state["step"], kl.item(), dn.item(), log_a.exp().item()))
         bar.update(1); bar.set_postfix(kl=f"{kl.item():.3f}", dn=f"{dn.item():.3f}")
         if state["step"] % cfg.ckpt_every == 0:
             save(False)
