@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder for uncertainty.json and the PNGs")
     ap.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the risk bound (default 0.1)")
     ap.add_argument("--false-alarm", type=float, default=0.02, help="false-alarm rate on normal cells (default 0.02)")
+    ap.add_argument("--class-bias", action="store_true", help="calibrate with one offset per class too (BCTS), "
+                    "as a bundle exported with class_bias = true")
     ap.add_argument("--teacher-val", help="the teacher's full labels on the test split (distill's teacher_val.npz): "
                     "adds the agreement of the engine's raw and calibrated labels with the teacher")
     ap.add_argument("--anomaly-score", default="engine", choices=ANOMALY_SCORES,
@@ -107,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     classes = [str(c) for c in d["classes"]]
     yc, yt = d["cal_labels"].astype(np.int64), d["test_labels"].astype(np.int64)
 
-    # What the bundle ships: bias-corrected temperature scaling (one T, one offset per class), as fit_calibration.
-    t, b = fit_bias_temperature(d["cal_logits"], yc)
+    # What the bundle ships: temperature scaling, or with --class-bias one offset per class too (BCTS); the other
+    # one's ECE is reported alongside.
+    t_bcts, b_bcts = fit_bias_temperature(d["cal_logits"], yc)
     t_only = fit_temperature(d["cal_logits"], yc)
+    t, b = (t_bcts, b_bcts) if args.class_bias else (t_only, np.zeros(len(classes)))
+    t_other, b_other = (t_only, np.zeros(len(classes))) if args.class_bias else (t_bcts, b_bcts)
     shift = lambda logits: np.asarray(logits, np.float64) + b * t  # noqa: E731  softmax(shift(l), t) = softmax(l / t + b)
     pc, pt0, pt1 = softmax(shift(d["cal_logits"]), t), softmax(d["test_logits"]), softmax(shift(d["test_logits"]), t)
     cal_conf, cal_ok = pc.max(1), pc.argmax(1) == yc
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_balanced_accuracy": float(np.mean([ok[yt == k].mean() for k in np.unique(yt)])),
         "test_balanced_accuracy_raw": float(np.mean([(pt0.argmax(1) == yt)[yt == k].mean() for k in np.unique(yt)])),
         "test_ece_before": expected_calibration_error(pt0, yt), "test_ece_after": expected_calibration_error(pt1, yt),
-        "test_ece_temperature_only": expected_calibration_error(softmax(d["test_logits"], t_only), yt),
+        "test_ece_other": expected_calibration_error(softmax(np.asarray(d["test_logits"], np.float64) + b_other * t_other, t_other), yt),
+        "test_balanced_accuracy_other": float(np.mean([(softmax(np.asarray(d["test_logits"], np.float64) + b_other * t_other, t_other).argmax(1) == yt)[yt == k].mean() for k in np.unique(yt)])),
         "test_nll_before": nll(d["test_logits"], yt), "test_nll_after": nll(shift(d["test_logits"]), yt, t),
         "test_aurc": aurc(conf, ok), "delta": args.delta, "false_alarm": args.false_alarm,
         "selective": [selective(cal_conf, cal_ok, conf, ok, a, args.delta) for a in ALPHAS],
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         calibration = fit_calibration(d["cal_logits"], d["cal_errors"], d["cal_anomaly"], yc, classes,
-                                      delta=args.delta, false_alarm=args.false_alarm, anomaly_score=args.anomaly_score)
+                                      delta=args.delta, false_alarm=args.false_alarm, anomaly_score=args.anomaly_score,
+                                      class_bias=args.class_bias)
         states = [c.state for c in decide({k: d[f"test_{k}"] for k in ("logits", "errors", "anomaly")}, classes, calibration)]
         acc = np.array([s == "accepted" for s in states])
         report["shipped_calibration"] = {
@@ -154,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "uncertainty.json").write_text(json.dumps(report, indent=2, allow_nan=False))
 
     print(f"cells: cal {len(yc)}, test {len(yt)}; test accuracy {100 * report['test_accuracy_raw']:.2f}% raw, "
-          f"{100 * report['test_accuracy']:.2f}% with the class offsets (balanced {100 * report['test_balanced_accuracy_raw']:.2f}"
+          f"{100 * report['test_accuracy']:.2f}% calibrated (balanced {100 * report['test_balanced_accuracy_raw']:.2f}"
           f" -> {100 * report['test_balanced_accuracy']:.2f}%); temperature {t:.3f}, offsets {np.round(b, 2).tolist()}")
     if "teacher_agreement" in report:
         print(f"agreement with the teacher's labels: {100 * report['teacher_agreement_raw']:.2f}% raw, "
               f"{100 * report['teacher_agreement']:.2f}% calibrated (teacher accuracy {100 * report['teacher_accuracy']:.2f}%, "
               f"balanced {100 * report['teacher_balanced_accuracy']:.2f}%)")
     print(f"ECE (15 bins) on test: {100 * report['test_ece_before']:.2f}% before, {100 * report['test_ece_after']:.2f}% after "
-          f"({100 * report['test_ece_temperature_only']:.2f}% with the temperature alone); "
+          f"({100 * report['test_ece_other']:.2f}% {'with the temperature alone' if args.class_bias else 'with class offsets'}, "
+          f"balanced accuracy {100 * report['test_balanced_accuracy_other']:.2f}%); "
           f"NLL {report['test_nll_before']:.4f} -> {report['test_nll_after']:.4f} nats; AURC {100 * report['test_aurc']:.3f}%")
     print(f"\n{'alpha':>7} {'threshold':>10} {'coverage':>9} {'error':>7}   (bound holds with prob {1 - args.delta:g}; test split)")
     for s in report["selective"]:

@@ -22,13 +22,15 @@ REQUIRED_KEYS = ("format", "classes", "temperature", "review_threshold", "anomal
 
 def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray, labels: np.ndarray,
                     classes: list[str], alpha: float = 0.01, delta: float = 0.1, false_alarm: float = 0.02,
-                    anomaly_score: str = "engine", calibset_sha256: str | None = None, class_bias: bool = True) -> dict:
+                    anomaly_score: str = "engine", calibset_sha256: str | None = None, class_bias: bool = False) -> dict:
     """Engine outputs on labelled normal cells -> the calibration.json dict (JSON-ready, format 1).
 
     logits, errors: float [N, K]; anomaly: float [N] (the engine's score, higher = more anomalous);
     labels: int [N] indices into ``classes`` (K names). Cells with a non-finite output are left out of the
     fit (the runtime never accepts them) and counted in metrics["n_nonfinite"]. The temperature (and, with
-    ``class_bias``, one offset per class: BCTS) and both thresholds are fitted on the same cells. Raises CalibrationError when there are too few cells (the
+    ``class_bias``, one offset per class: BCTS) and both thresholds are fitted on the same cells. class_bias is
+    off by default: on the session-2 engine it raised validation accuracy by 0.8 points, on the session-3 engine
+    it lowered balanced accuracy by 0.7 points (benchmarks/uncertainty.py --class-bias measures it). Raises CalibrationError when there are too few cells (the
     message names the minimum), when labels or shapes do not match, or when no threshold can be certified.
     """
     logits, errors = np.asarray(logits, np.float64), np.asarray(errors, np.float64)

@@ -229,10 +229,24 @@ def seen_by_runtime(crops: np.ndarray, label: str, cfg: "DemoFramesConfig", seed
     return out
 
 
+def typicality(decisions, label: str, calibration: dict | None) -> np.ndarray:
+    """How well each runtime decision (edge.postprocess.Decision) shows ``label``, float [n]: p(label), scaled by
+    0.1 when the anomaly score is within 25% of the abnormal threshold (a cell that is flagged in one frame
+    and not in the next looks erratic), by 0.01 when flagged abnormal; + 1e-3 so that any found cell ranks
+    above one the detector missed (0)."""
+    thr = None if calibration is None else float(calibration["anomaly_threshold"])
+    out = []
+    for d in decisions:
+        safe = thr is None or (thr - d.anomaly) > 0.25 * max(abs(thr), 1e-9)
+        w = 0.01 if d.state == "abnormal" else 1.0 if safe else 0.1
+        out.append(w * d.probs.get(label, 0.0) + 1e-3)
+    return np.array(out)
+
+
 def pick_typical(sample, bundle_dir: str | None, oversample: int, cfg: "DemoFramesConfig | None" = None):
     """Wrap ``sample(label, n, seed)``: draw ``oversample`` x n candidates (at least MIN_CANDIDATES) and keep the n
-    that the bundle's engine (ONNX Runtime, calibrated) gives the highest probability of ``label`` *as the runtime
-    will see them*, not flagged abnormal: each
+    that the bundle's engine (ONNX Runtime, calibrated) finds most typical of ``label`` (``typicality``) *as the
+    runtime will see them*: each
     candidate is composed into a small field and cropped by the daemon's own path (``seen_by_runtime``); a
     candidate the detector misses scores 0. Poor teacher draws are not the runtime's fault, so they are not
     shown; how the runtime then does on the real frames is measured by ``benchmarks/demo_flags.py``.
@@ -253,7 +267,7 @@ def pick_typical(sample, bundle_dir: str | None, oversample: int, cfg: "DemoFram
         if found:
             x = np.stack([seen[i] for i in found]).transpose(0, 3, 1, 2)
             dec = decide(backend.infer(np.ascontiguousarray(x)), bundle.classes, bundle.calibration)
-            p[found] = [d.probs.get(label, 0.0) if d.state != "abnormal" else 0.0 for d in dec]
+            p[found] = typicality(dec, label, bundle.calibration)
         return cand[np.argsort(-p, kind="stable")[:n]]
 
     return wrapped, bundle.bundle_id

@@ -107,7 +107,7 @@ def test_pick_typical_keeps_the_candidates_the_engine_finds_most_typical_in_a_fr
     from edge.backends import load_backend
     from edge.bundle import load_bundle
     from edge.postprocess import decide
-    from export.demo_frames import pick_typical, seen_by_runtime
+    from export.demo_frames import pick_typical, seen_by_runtime, typicality
 
     drawn = {}
 
@@ -123,9 +123,21 @@ def test_pick_typical_keeps_the_candidates_the_engine_finds_most_typical_in_a_fr
     seen = seen_by_runtime(drawn["monocyte"], "monocyte", cfg, 5)
     assert all(c is not None for c in seen)
     dec = decide(load_backend("onnxruntime", b).infer(np.stack(seen).transpose(0, 3, 1, 2).copy()), b.classes, b.calibration)
-    p = [d.probs["monocyte"] if d.state != "abnormal" else 0.0 for d in dec]
-    best = np.argsort(-np.array(p), kind="stable")[:4]
+    p = typicality(dec, "monocyte", b.calibration)
+    best = np.argsort(-p, kind="stable")[:4]
+    assert all(0 < v <= 1.001 for v in p)
     assert sorted(map(bytes, kept)) == sorted(bytes(drawn["monocyte"][i]) for i in best)
+
+
+def test_typicality_prefers_clear_normal_cells():
+    from edge.postprocess import CellDecision
+    from export.demo_frames import typicality
+
+    cal = {"anomaly_threshold": 10.0}
+    mk = lambda p, a, state: CellDecision(label="monocyte", p=p, probs={"monocyte": p}, state=state, anomaly=a, reason="")  # noqa: E731
+    t = typicality([mk(0.9, 2.0, "accepted"), mk(0.95, 9.0, "review"), mk(0.99, 12.0, "abnormal"), mk(0.5, 1.0, "review")],
+                   "monocyte", cal)
+    assert list(np.argsort(-t)) == [0, 3, 1, 2] and t.min() > 0
 
 
 def test_compose_is_deterministic_and_uses_the_sampler():

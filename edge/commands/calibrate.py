@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                    help="fraction of normal cells allowed to be flagged abnormal (default 0.02)")
     p.add_argument("--anomaly-score", choices=ANOMALY_SCORES, default=None,
                    help="anomaly score to threshold (default: the one the bundle's calibration uses, else 'engine')")
+    p.add_argument("--class-bias", action="store_true",
+                   help="fit one offset per class besides the temperature (bias-corrected temperature scaling); it can "
+                   "change labels, e.g. when this microscope's class mix differs (default: temperature only)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="inference backend (default onnxruntime)")
     p.add_argument("--precision", default=None, help="engine precision to run (default: the bundle's default)")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     outputs, crops, kept = run_engine(backend, folder.paths, bundle.crop_size, args.batch_size)
     cal = fit_calibration(outputs["logits"], outputs["errors"], outputs["anomaly"], folder.labels[kept],
                           bundle.classes, alpha=args.alpha, delta=args.delta, false_alarm=args.false_alarm,
-                          anomaly_score=score, calibset_sha256=crops_sha256(crops))
+                          anomaly_score=score, calibset_sha256=crops_sha256(crops), class_bias=args.class_bias)
     cal["backend"], cal["precision"] = backend.name, backend.precision
     update_bundle_file(bundle.root, CALIBRATION_FILE, (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
     m = cal["metrics"]

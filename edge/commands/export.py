@@ -38,6 +38,7 @@ class ExportConfig:
     delta: float = 0.1
     false_alarm: float = 0.02
     anomaly_score: str = "error_profile"  # measured best (benchmarks/uncertainty.py): BCCD and held-out-class AUROC
+    class_bias: bool = False  # calibration: one offset per class besides the temperature (BCTS); see calibration.fit
     ship_teacher: bool = True  # put teacher.safetensors + teacher.json in the bundle (for --teacher)
     name: str = "cytoedge-pbc"
     threads: int = 2
@@ -236,7 +237,7 @@ def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
     merged = {k: np.concatenate([o[k] for o in outs]) for k in ("logits", "errors", "anomaly")}
     cal = fit_calibration(merged["logits"], merged["errors"], merged["anomaly"], data["labels"][data["cal"]],
                           bundle.classes, alpha=cfg.alpha, delta=cfg.delta, false_alarm=cfg.false_alarm,
-                          anomaly_score=cfg.anomaly_score, calibset_sha256=crops_sha256(crops))
+                          anomaly_score=cfg.anomaly_score, calibset_sha256=crops_sha256(crops), class_bias=cfg.class_bias)
     cal["backend"], cal["precision"] = backend.name, backend.precision
     return cal
 
