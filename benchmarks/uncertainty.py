@@ -10,7 +10,8 @@ and, for each anomaly protocol P (e.g. "loco_erythroblast", "bccd"), abnormal (o
     ood_P_normal_anomaly / ood_P_normal_errors: normal test cells scored by the same engine (default: the
         test split; give them when P used another engine, e.g. one trained without a class)
     ood_P_cal_anomaly / ood_P_cal_errors: normal calibration cells of that engine (default: the cal split)
-Prints: ECE before/after bias-corrected temperature scaling (T and one offset per class, as shipped), coverage and error among accepted at alpha in {0.5, 1, 2, 5}%
+Prints: ECE before/after temperature scaling (with --class-bias also one offset per class, BCTS; the other
+variant's ECE and balanced accuracy alongside), coverage and error among accepted at alpha in {0.5, 1, 2, 5}%
 (threshold fitted on the cal split by Learn then Test, measured on the test split), AURC, and for each
 protocol the AUROC of every candidate anomaly score and its detection rate at the false-alarm threshold.
 Writes uncertainty.json and PNGs (reliability, risk-coverage, anomaly histograms) into --out.
@@ -27,7 +28,8 @@ import numpy as np
 
 from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, auroc, conformal_threshold,
                                  crossfit_profile_distance, fit_best_error_stats, fit_profile_stats, score_histograms)
-from calibration.fit import fit_calibration
+from calibration.accuracy import accuracy_report
+from calibration.fit import calibrated_probs, fit_calibration
 from calibration.risk import aurc, ltt_threshold, plot_risk_coverage
 from calibration.temperature import (expected_calibration_error, fit_bias_temperature, fit_temperature, nll,
                                      reliability_diagram, softmax)
@@ -110,24 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     yc, yt = d["cal_labels"].astype(np.int64), d["test_labels"].astype(np.int64)
 
     # What the bundle ships: temperature scaling, or with --class-bias one offset per class too (BCTS); the other
-    # one's ECE is reported alongside.
-    t_bcts, b_bcts = fit_bias_temperature(d["cal_logits"], yc)
-    t_only = fit_temperature(d["cal_logits"], yc)
-    t, b = (t_bcts, b_bcts) if args.class_bias else (t_only, np.zeros(len(classes)))
-    t_other, b_other = (t_only, np.zeros(len(classes))) if args.class_bias else (t_bcts, b_bcts)
-    shift = lambda logits: np.asarray(logits, np.float64) + b * t  # noqa: E731  softmax(shift(l), t) = softmax(l / t + b)
-    pc, pt0, pt1 = softmax(shift(d["cal_logits"]), t), softmax(d["test_logits"]), softmax(shift(d["test_logits"]), t)
+    # one's ECE and balanced accuracy are reported alongside.
+    bcts, t_only = fit_bias_temperature(d["cal_logits"], yc), (fit_temperature(d["cal_logits"], yc), np.zeros(len(classes)))
+    (t, b), other = (bcts, t_only) if args.class_bias else (t_only, bcts)
+    probs = lambda logits, tb: calibrated_probs(logits, {"temperature": tb[0], "class_bias": list(tb[1])})  # noqa: E731
+    balanced = lambda p, y: accuracy_report(y, p.argmax(1), classes)["balanced_accuracy"]  # noqa: E731
+    pc, pt0, pt1, pt_other = probs(d["cal_logits"], (t, b)), softmax(d["test_logits"]), probs(d["test_logits"], (t, b)), \
+        probs(d["test_logits"], other)
     cal_conf, cal_ok = pc.max(1), pc.argmax(1) == yc
     conf, ok = pt1.max(1), pt1.argmax(1) == yt
     report: dict = {
         "n_cal": len(yc), "n_test": len(yt), "classes": classes, "temperature": t, "class_bias": b.tolist(),
         "test_accuracy": float(ok.mean()), "test_accuracy_raw": float((pt0.argmax(1) == yt).mean()),
-        "test_balanced_accuracy": float(np.mean([ok[yt == k].mean() for k in np.unique(yt)])),
-        "test_balanced_accuracy_raw": float(np.mean([(pt0.argmax(1) == yt)[yt == k].mean() for k in np.unique(yt)])),
+        "test_balanced_accuracy": balanced(pt1, yt), "test_balanced_accuracy_raw": balanced(pt0, yt),
         "test_ece_before": expected_calibration_error(pt0, yt), "test_ece_after": expected_calibration_error(pt1, yt),
-        "test_ece_other": expected_calibration_error(softmax(np.asarray(d["test_logits"], np.float64) + b_other * t_other, t_other), yt),
-        "test_balanced_accuracy_other": float(np.mean([(softmax(np.asarray(d["test_logits"], np.float64) + b_other * t_other, t_other).argmax(1) == yt)[yt == k].mean() for k in np.unique(yt)])),
-        "test_nll_before": nll(d["test_logits"], yt), "test_nll_after": nll(shift(d["test_logits"]), yt, t),
+        "test_ece_other": expected_calibration_error(pt_other, yt), "test_balanced_accuracy_other": balanced(pt_other, yt),
+        "test_nll_before": nll(d["test_logits"], yt), "test_nll_after": nll(np.asarray(d["test_logits"], np.float64) + b * t, yt, t),
         "test_aurc": aurc(conf, ok), "delta": args.delta, "false_alarm": args.false_alarm,
         "selective": [selective(cal_conf, cal_ok, conf, ok, a, args.delta) for a in ALPHAS],
     }
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         report["teacher_agreement_raw"] = float((pt0.argmax(1) == tl).mean())
         report["teacher_agreement"] = float((pt1.argmax(1) == tl).mean())
         report["teacher_accuracy"] = float((tl == yt).mean())
-        report["teacher_balanced_accuracy"] = float(np.mean([(tl == yt)[yt == k].mean() for k in np.unique(yt)]))
+        report["teacher_balanced_accuracy"] = accuracy_report(yt, tl, classes)["balanced_accuracy"]
     reliability_diagram({"before": pt0, "after": pt1}, yt, out / "reliability.png", title=f"Test split, T={t:.2f}")
     marks = {f"alpha {100 * s['alpha']:g}%": (s["test_coverage"], s["test_risk"]) for s in report["selective"] if "threshold" in s}
     plot_risk_coverage(conf, ok, out / "risk_coverage.png", marks, title="Test split (calibrated confidence)")

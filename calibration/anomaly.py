@@ -81,7 +81,8 @@ def _shrunk_precision(x: np.ndarray) -> np.ndarray:
     mu = np.trace(cov) / k
     target = mu * np.eye(k)
     d2 = float(((cov - target) ** 2).sum())
-    b2 = float(sum(((np.outer(r, r) - cov) ** 2).sum() for r in xc)) / n ** 2
+    # sum_i ||x_i x_i^T - cov||_F^2 = sum_i ||x_i||^4 - n ||cov||_F^2
+    b2 = float((np.sum(xc ** 2, axis=1) ** 2).sum() - n * (cov ** 2).sum()) / n ** 2
     shrink = 1.0 if d2 <= 0 else min(b2, d2) / d2
     return np.linalg.inv(shrink * target + (1 - shrink) * cov + 1e-12 * max(mu, 1e-12) * np.eye(k))
 

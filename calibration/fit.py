@@ -1,7 +1,7 @@
 """Fit a bundle's calibration.json from engine outputs on labelled calibration cells, and apply it.
 
-Fit (numpy only): temperature and per-class offsets (BCTS, calibration.temperature), review threshold with a risk guarantee
-(calibration.risk), anomaly threshold at a false-alarm rate (calibration.anomaly). Apply: the functions
+Fit (numpy only): temperature, optionally with per-class offsets (BCTS, calibration.temperature), review
+threshold with a risk guarantee (calibration.risk), anomaly threshold at a false-alarm rate (calibration.anomaly). Apply: the functions
 at the bottom turn one batch of engine outputs into calibrated probabilities and the chosen anomaly
 score; edge/postprocess.py uses them so the runtime and the fit can never disagree.
 """
@@ -30,8 +30,9 @@ def fit_calibration(logits: np.ndarray, errors: np.ndarray, anomaly: np.ndarray,
     fit (the runtime never accepts them) and counted in metrics["n_nonfinite"]. The temperature (and, with
     ``class_bias``, one offset per class: BCTS) and both thresholds are fitted on the same cells. class_bias is
     off by default: on the session-2 engine it raised validation accuracy by 0.8 points, on the session-3 engine
-    it lowered balanced accuracy by 0.7 points (benchmarks/uncertainty.py --class-bias measures it). Raises CalibrationError when there are too few cells (the
-    message names the minimum), when labels or shapes do not match, or when no threshold can be certified.
+    it lowered balanced accuracy by 0.7 points (benchmarks/uncertainty.py --class-bias measures it). Raises
+    CalibrationError when there are too few cells (the message names the minimum), when labels or shapes do not
+    match, or when no threshold can be certified.
     """
     logits, errors = np.asarray(logits, np.float64), np.asarray(errors, np.float64)
     anomaly, labels = np.asarray(anomaly, np.float64), np.asarray(labels, np.int64)

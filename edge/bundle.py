@@ -53,12 +53,12 @@ class Bundle:
             raise BundleError(f"{self.root}: bundle has no {precision} engine (it has: {have})")
         return self.root / self.engines[precision]
 
-    def tensorrt_onnx(self, precision: str) -> str:
+    def tensorrt_onnx(self, precision: str, missing_ok: bool = False) -> str | None:
         """File name of the ONNX model a TensorRT ``precision`` plan is built from: the manifest's
         ``tensorrt_sources`` entry (INT8: symmetric int8 Q/DQ, which TensorRT needs) or else the engine of that
-        precision. BundleError if the bundle has neither."""
+        precision. When the bundle has neither: None with ``missing_ok``, else BundleError."""
         name = self.tensorrt_sources.get(precision) or self.engines.get(precision)
-        if name is None:
+        if name is None and not missing_ok:
             have = ", ".join(sorted(set(self.engines) | set(self.tensorrt_sources))) or "none"
             raise BundleError(f"{self.root}: bundle has no {precision} ONNX model to build a TensorRT plan from (it has: {have})")
         return name

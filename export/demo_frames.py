@@ -11,9 +11,9 @@ scaled so that their nucleus has its physical size next to 7.5 um red cells (siz
 with ``--oversample k`` each placed cell is the most typical of k teacher draws, as the shipped engine judges
 it after the daemon's own detection and cropping in a small test field: poor draws are not the runtime's
 fault), and a few deliberately odd cells the model has never seen (a blast-like cell: very large, huge pale
-nucleus with nucleoli, thin blue rim; a smudge cell: ragged bare nuclear material). Each *field* is a canvas larger than the frame; its
-frames are windows that drift slowly across it (sub-pixel, a few px per frame) with fresh sensor noise, so
-the same cell is seen in many frames at moving positions and tracking matters.
+nucleus with nucleoli, thin blue rim; a smudge cell: ragged bare nuclear material). Each *field* is a canvas
+larger than the frame; its frames are windows that drift slowly across it (sub-pixel, a few px per frame)
+with fresh sensor noise, so the same cell is seen in many frames at moving positions and tracking matters.
 
 Writes ``<out>/frames/f<field>_<frame>.jpg`` (640x480 RGB JPEG) and ``<out>/truth.json`` (generator,
 seed, scale, and per frame the true label and box of every placed cell). No image from ``../shared`` is
@@ -220,8 +220,8 @@ def seen_by_runtime(crops: np.ndarray, label: str, cfg: "DemoFramesConfig", seed
     for crop in crops:
         canvas, placed, offsets = render_field((label,), {label: [crop]}, "teacher", small, rng, centred=True)
         frame = frame_at(canvas, offsets[0], small, rng)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, cfg.quality])
-        frame = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        frame = cv2.cvtColor(cv2.imdecode(np.frombuffer(encode_jpeg(frame, cfg.quality), np.uint8), cv2.IMREAD_COLOR),
+                             cv2.COLOR_BGR2RGB)
         cx, cy = placed[0].cx - offsets[0][0], placed[0].cy - offsets[0][1]
         dets = [d for d in detect_cells(frame, um_per_px=1.0 / cfg.px_per_um) if not d.edge]
         near = [d for d in dets if np.hypot(d.nucleus[0] - cx, d.nucleus[1] - cy) < placed[0].r]
@@ -230,7 +230,7 @@ def seen_by_runtime(crops: np.ndarray, label: str, cfg: "DemoFramesConfig", seed
 
 
 def typicality(decisions, label: str, calibration: dict | None) -> np.ndarray:
-    """How well each runtime decision (edge.postprocess.Decision) shows ``label``, float [n]: p(label), scaled by
+    """How well each runtime decision (edge.postprocess.CellDecision) shows ``label``, float [n]: p(label), scaled by
     0.1 when the anomaly score is within 25% of the abnormal threshold (a cell that is flagged in one frame
     and not in the next looks erratic), by 0.01 when flagged abnormal; + 1e-3 so that any found cell ranks
     above one the detector missed (0)."""
@@ -246,9 +246,8 @@ def typicality(decisions, label: str, calibration: dict | None) -> np.ndarray:
 def pick_typical(sample, bundle_dir: str | None, oversample: int, cfg: "DemoFramesConfig | None" = None):
     """Wrap ``sample(label, n, seed)``: draw ``oversample`` x n candidates (at least MIN_CANDIDATES) and keep the n
     that the bundle's engine (ONNX Runtime, calibrated) finds most typical of ``label`` (``typicality``) *as the
-    runtime will see them*: each
-    candidate is composed into a small field and cropped by the daemon's own path (``seen_by_runtime``); a
-    candidate the detector misses scores 0. Poor teacher draws are not the runtime's fault, so they are not
+    runtime will see them*: each candidate is composed into a small field and cropped by the daemon's own path
+    (``seen_by_runtime``); a candidate the detector misses scores 0. Poor teacher draws are not the runtime's fault, so they are not
     shown; how the runtime then does on the real frames is measured by ``benchmarks/demo_flags.py``.
     Returns (wrapped sampler, bundle id)."""
     from edge.backends import load_backend
@@ -406,6 +405,14 @@ def compose(sample, source: str, cfg: DemoFramesConfig, roster=ROSTER):
                                                            "cells": cells}
 
 
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """uint8 RGB [H, W, 3] -> JPEG bytes at ``quality``, as the bundled frames are stored."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a JPEG frame")
+    return buf.tobytes()
+
+
 def write_demo(out: Path, sample, source: str, cfg: DemoFramesConfig, generator: dict) -> dict:
     """Compose every frame into ``out/frames`` (old frames removed first) and write ``out/truth.json``."""
     frames_dir = out / "frames"
@@ -415,10 +422,7 @@ def write_demo(out: Path, sample, source: str, cfg: DemoFramesConfig, generator:
     truth = {"generator": generator, "config": asdict(cfg), "rbc_um": RBC_UM, "um_per_px": 1.0 / cfg.px_per_um,
              "frames": []}
     for name, rgb, t in compose(sample, source, cfg):
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, cfg.quality])
-        if not ok:
-            raise RuntimeError(f"OpenCV could not encode {name}")
-        (frames_dir / name).write_bytes(buf.tobytes())
+        (frames_dir / name).write_bytes(encode_jpeg(rgb, cfg.quality))
         truth["frames"].append(t)
     (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     return truth

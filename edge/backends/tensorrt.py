@@ -123,8 +123,7 @@ def find_plan(bundle, precision: str, running: dict) -> tuple[Path, dict]:
     except (OSError, ValueError) as exc:
         raise BackendError(f"{bundle.root / side}: unreadable sidecar: {exc}") from exc
     # the plan must come from this bundle's ONNX of that precision (a stale plan after a model update is refused)
-    source = bundle.tensorrt_sources.get(precision) or bundle.engines.get(precision)
-    check_sidecar(sidecar, running, precision, files.get(source),
+    check_sidecar(sidecar, running, precision, files.get(bundle.tensorrt_onnx(precision, missing_ok=True)),
                   str(bundle.root / want))
     return bundle.root / want, sidecar
 
