@@ -41,6 +41,31 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def onnx_flops(path) -> float:
+    """FLOPs of one cell through an engine's ONNX graph: 2 x MACs of every Conv with an initializer weight, Gemm
+    and MatMul, with shapes from ONNX Runtime's symbolic shape inference at batch 1. Counts the bundle's own
+    network, whatever --student is."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # the dynamic batch, fixed at one cell
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    macs = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0])
+        if not out or 0 in out:
+            continue
+        if node.op_type == "Conv" and node.input[1] in shapes:
+            macs += int(np.prod(out)) * int(np.prod(shapes[node.input[1]][1:]))
+        elif node.op_type in ("Gemm", "MatMul") and shapes.get(node.input[0]):
+            macs += int(np.prod(out)) * shapes[node.input[0]][-1]
+    return 2.0 * macs
+
+
 def count_flops(module, *inputs, **kwargs) -> float:
     """FLOPs of one forward of a PyTorch module on ``inputs``: 2 x MACs of every Conv2d and Linear inside it."""
     import torch
@@ -137,6 +162,7 @@ def run(args) -> dict:
     flops_per_eval = count_flops(teacher.unet, torch.zeros(1, c, s, s), torch.tensor([500]),
                                  class_labels=torch.tensor([0]))
     engine_flops = count_flops(engine, torch.zeros(1, 3, bundle.crop_size, bundle.crop_size, dtype=torch.uint8))
+    bundle_flops = onnx_flops(bundle.root / bundle.engines["fp32"]) if "fp32" in bundle.engines else engine_flops
     rows = []
 
     # teacher: the reference labels, on a subset (it is slow)
@@ -178,10 +204,10 @@ def run(args) -> dict:
         if prec == "fp16":
             continue  # ONNX Runtime CPU has no fast float16 kernels; fp16 is for GPUs
         be = load_backend("onnxruntime", bundle, prec, intra_op_num_threads=args.threads, max_batch=64)
-        engine_row(f"ONNX Runtime {prec}", be.infer, bundle.evals_per_cell, engine_flops)
+        engine_row(f"ONNX Runtime {prec}", be.infer, bundle.evals_per_cell, bundle_flops)
     try:
         be = load_backend("tensorrt", bundle)
-        engine_row(f"TensorRT {be.precision}", be.infer, bundle.evals_per_cell, engine_flops)
+        engine_row(f"TensorRT {be.precision}", be.infer, bundle.evals_per_cell, bundle_flops)
     except BackendError as exc:
         say(f"TensorRT skipped: {exc}")
 

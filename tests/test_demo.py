@@ -89,6 +89,14 @@ def test_demo_frames_script_writes_frames_and_truth(tmp_path):
         demo_frames_main(["--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("bad", ["eosinophil", "eosinophil=high", "blast=1"])
+def test_demo_frames_refuses_a_bad_class_guidance(tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo_frames_main(["--placeholder", "--out", str(tmp_path), "--class-guidance", bad])
+    assert exc.value.code == 2 and "--class-guidance" in capsys.readouterr().err
+    assert not (tmp_path / "truth.json").exists()
+
+
 def test_seen_by_runtime_finds_the_placed_cell_and_crops_it_like_the_daemon():
     from export.demo_frames import seen_by_runtime
 
