@@ -94,6 +94,9 @@ def demo(tiny_bundle, tmp_path_factory):
 def test_live_page_shows_frame_with_boxes(demo, page):
     page.goto(demo["url"])
     page.wait_for_function("Number(document.getElementById('frame').dataset.boxes) > 0")
+    # the review queue's crops are real images served by /api/crop, loaded before the screenshot is taken
+    page.wait_for_function("(() => { const im = Array.from(document.querySelectorAll('#queue img'));"
+                           " return im.length > 0 && im.every(i => i.complete && i.naturalWidth > 0); })()")
     page.wait_for_timeout(500)  # let the next frames paint, for a representative screenshot
     shot = demo["dir"] / "monitor-live.png"
     page.screenshot(path=str(shot), full_page=True)
