@@ -61,9 +61,9 @@ ROSTER = (
 BACKGROUND = np.array([253.0, 230.0, 205.0])  # peach, RGB: the median background of PBC crops
 # Absorbance per unit thickness, RGB (Beer-Lambert: I = I0 * exp(-A)). Pink red cells absorb green and blue.
 # Red cells at PBC-like contrast. Session 4 measured how the shipped engine reads teacher cells composed into
-# fields (benchmarks-style: 24 draws per class, 2 test fields each): with half this absorbance and 0.7 px optics
-# blur, 4-17% of lymphocytes, monocytes and igs kept their class; with this absorbance and no extra blur
-# 25-71%, neutrophils accepted 48% -> 83%. The engine, like the PBC images it learnt from, reads sharp,
+# fields (a probe with seen_by_runtime: 24 draws per class at guidance 1, 2 test fields each): with half this
+# absorbance and 0.7 px optics blur, 4-17% of lymphocytes, monocytes and igs kept their class; with this
+# absorbance and no extra blur 25-71%, neutrophils accepted 48% -> 83% (docs/results.md: guidance 3). The engine, like the PBC images it learnt from, reads sharp,
 # contrasty fields: a blurred lymphocyte reads as an erythroblast (24 raw draws: 96% -> 21% at 1 px blur).
 A_RBC = np.array([0.28, 0.52, 0.38])
 A_PLATELET = np.array([0.45, 0.95, 0.35])
