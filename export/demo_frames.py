@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from edge.preprocess import CROP_SIZE, NUCLEUS_FILL
+from edge.protocol import encode_image
 
 RBC_UM = 7.5
 # Physical sizes per class, um: (whole cell, nucleus group enclosing diameter). The nucleus group is what the
@@ -63,8 +64,9 @@ BACKGROUND = np.array([253.0, 230.0, 205.0])  # peach, RGB: the median backgroun
 # Red cells at PBC-like contrast. Session 4 measured how the shipped engine reads teacher cells composed into
 # fields (a probe with seen_by_runtime: 24 draws per class at guidance 1, 2 test fields each): with half this
 # absorbance and 0.7 px optics blur, 4-17% of lymphocytes, monocytes and igs kept their class; with this
-# absorbance and no extra blur 25-71%, neutrophils accepted 48% -> 83% (docs/results.md: guidance 3). The engine, like the PBC images it learnt from, reads sharp,
-# contrasty fields: a blurred lymphocyte reads as an erythroblast (24 raw draws: 96% -> 21% at 1 px blur).
+# absorbance and no extra blur 25-71%, neutrophils accepted 48% -> 83% (docs/results.md: guidance 3). The
+# engine, like the PBC images it learnt from, reads sharp, contrasty fields: a blurred lymphocyte reads as an
+# erythroblast (24 raw draws: 96% -> 21% at 1 px blur).
 A_RBC = np.array([0.28, 0.52, 0.38])
 A_PLATELET = np.array([0.45, 0.95, 0.35])
 A_NUCLEUS_PALE = np.array([0.40, 0.78, 0.26])
@@ -224,6 +226,7 @@ def seen_by_runtime(crops: np.ndarray, label: str, cfg: "DemoFramesConfig", seed
 
     from edge.daemon import DaemonConfig, cell_crop
     from edge.detect import detect_cells
+    from edge.imageio import decode_image
 
     small = replace(cfg, width=240, height=240, frames_per_field=1, drift_px=0.0)
     rng = np.random.default_rng(seed)
@@ -231,8 +234,7 @@ def seen_by_runtime(crops: np.ndarray, label: str, cfg: "DemoFramesConfig", seed
     for crop in crops:
         canvas, placed, offsets = render_field((label,), {label: [crop]}, "teacher", small, rng, centred=True)
         frame = frame_at(canvas, offsets[0], small, rng)
-        frame = cv2.cvtColor(cv2.imdecode(np.frombuffer(encode_jpeg(frame, cfg.quality), np.uint8), cv2.IMREAD_COLOR),
-                             cv2.COLOR_BGR2RGB)
+        frame = decode_image(encode_image(frame, "jpeg", cfg.quality)[0])  # stored as the bundled frames are
         cx, cy = placed[0].cx - offsets[0][0], placed[0].cy - offsets[0][1]
         dets = [d for d in detect_cells(frame, um_per_px=1.0 / cfg.px_per_um) if not d.edge]
         near = [d for d in dets if np.hypot(d.nucleus[0] - cx, d.nucleus[1] - cy) < placed[0].r]
@@ -418,14 +420,6 @@ def compose(sample, source: str, cfg: DemoFramesConfig, roster=ROSTER):
                                                            "cells": cells}
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """uint8 RGB [H, W, 3] -> JPEG bytes at ``quality``, as the bundled frames are stored."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a JPEG frame")
-    return buf.tobytes()
-
-
 def write_demo(out: Path, sample, source: str, cfg: DemoFramesConfig, generator: dict) -> dict:
     """Compose every frame into ``out/frames`` (old frames removed first) and write ``out/truth.json``."""
     frames_dir = out / "frames"
@@ -435,7 +429,7 @@ def write_demo(out: Path, sample, source: str, cfg: DemoFramesConfig, generator:
     truth = {"generator": generator, "config": asdict(cfg), "rbc_um": RBC_UM, "um_per_px": 1.0 / cfg.px_per_um,
              "frames": []}
     for name, rgb, t in compose(sample, source, cfg):
-        (frames_dir / name).write_bytes(encode_jpeg(rgb, cfg.quality))
+        (frames_dir / name).write_bytes(encode_image(rgb, "jpeg", cfg.quality)[0])
         truth["frames"].append(t)
     (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     return truth
