@@ -3,7 +3,9 @@
 Stages (each cached in ``run_dir``, so a stopped run resumes):
 1. ``teacher_val.npz``: the teacher's full classification (export.diffusion_classifier) of the validation
    cells: the accuracy reference, and what the search below agrees with.
-2. ``teacher_targets.npz``: the same on a stratified sample of training cells: the distillation targets.
+2. ``teacher_targets.npz``: the same on a stratified sample of training cells (``target_cells``; 0 = all of
+   them): the distillation targets. Both stages are keyed by crop-cache index (``cached_teacher``), so a larger
+   sample reuses what is there, and ``cytoedge distill --part I/N`` computes slice I of both in its own process.
 3. ``search.json``: timesteps (pairs/sets from a grid) and then the noise seed, chosen for label agreement of
    the fixed-noise teacher with its own full estimate on a validation subset.
 4. ``student_init.safetensors`` (only for a student narrower than the teacher, ``student_channels``): the
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.calibset import stratified_sample
+from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import Engine, build_engine, student_unet
 from export.teacher import Teacher, load_teacher
@@ -43,7 +46,7 @@ class DistillConfig:
     grid: tuple[int, ...] = (100, 150, 200, 300, 400, 500)  # candidate timesteps (see ClassifierConfig.t_min/t_max)
     search_seeds: int = 8
     search_cells: int = 400  # validation cells used by the search
-    target_cells: int = 1600  # training cells with teacher targets
+    target_cells: int = 1600  # training cells with teacher targets (0 = every training cell)
     steps: int = 300
     batch: int = 16
     lr: float = 3e-5
@@ -56,11 +59,13 @@ class DistillConfig:
     init_steps: int = 3000  # imitation steps for a narrow student (stage 4)
     init_batch: int = 8  # cells per imitation step (x every class)
     init_lr: float = 1e-3
+    augment: bool = False  # random rotation/flip of each target cell per step (the teacher's estimate averages over them)
 
 
 def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str,
-                     ccfg: ClassifierConfig = ClassifierConfig()) -> dict[str, np.ndarray]:
-    """Cached full teacher classification of uint8 [N, S, S, 3] cells -> dict(errors [N,K], label, evals, zeta)."""
+                     ccfg: ClassifierConfig = ClassifierConfig(), extra: dict | None = None) -> dict[str, np.ndarray]:
+    """Cached full teacher classification of uint8 [N, S, S, 3] cells -> dict(errors [N,K], label, evals, zeta);
+    ``extra`` arrays (e.g. the cells' cache index) are saved alongside."""
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -69,8 +74,70 @@ def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str,
     out = {"errors": np.stack([r.errors for r in res]), "label": np.array([r.label for r in res]),
            "evals": np.array([r.evals for r in res]), "zeta": np.array([r.zeta for r in res]),
            "seconds": np.array(time.time() - t0)}
-    np.savez(path, **out)
+    np.savez(path, **out, **(extra or {}))
     return out
+
+
+def _target_index(labels: np.ndarray, train: np.ndarray, cfg: DistillConfig) -> np.ndarray:
+    """Crop-cache indices int64 [M] of the training cells that get teacher targets."""
+    if cfg.target_cells <= 0:
+        return np.sort(train)
+    return train[stratified_sample(labels[train], cfg.target_cells, seed=cfg.seed)]
+
+
+def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Path, prefix: str,
+                   legacy_index, part: tuple[int, int] | None = None) -> dict[str, np.ndarray] | None:
+    """The teacher's full classification of the cells crops[idx] (dict as _teacher_results, rows in idx order),
+    cached in ``run/<prefix>*.npz`` files keyed by crop-cache index.
+
+    Every such file holding an ``index`` array is reused, whatever cells it was computed for, so a larger sample
+    only computes the cells it lacks; ``<prefix>.npz`` without one (as earlier versions wrote it) holds the cells
+    ``legacy_index(n_rows)``. With ``part=(i, n)`` only the missing cells of slice i of n of idx are computed (the
+    same partition whether the parts run at once or in turn), into a file named by its first cell and size, and
+    None is returned: run the n parts in n processes, then the whole stage picks them up. Otherwise the merged
+    result is also written to ``<prefix>.npz`` (with ``index``) for tools that read it whole."""
+    keys = ("errors", "label", "evals", "zeta")
+    have: dict[int, dict] = {}
+    whole, whole_index = run / f"{prefix}.npz", None
+    for f in sorted(run.glob(f"{prefix}*.npz")):
+        with np.load(f) as z:
+            index = z["index"] if "index" in z.files else None
+            if f == whole and index is not None:
+                whole_index = index
+            if index is None and f.name != f"{prefix}.npz":
+                continue  # another stage's file (e.g. teacher_val_seed1.npz)
+            r = {k: z[k] for k in keys}
+        index = legacy_index(len(r["label"])) if index is None else index
+        if len(index) != len(r["label"]):
+            raise InputError(f"{f}: {len(r['label'])} rows, but it stands for {len(index)} cells; "
+                             "move it away to recompute that stage")
+        for j, c in enumerate(index):
+            have[int(c)] = {k: r[k][j] for k in keys}
+    if part is not None:
+        i, n = part
+        mine = np.setdiff1d(np.array_split(idx, n)[i], list(have)).astype(np.int64)
+        if len(mine):
+            _teacher_results(teacher, crops[mine], run / f"{prefix}_c{mine[0]}n{len(mine)}.npz",
+                             f"{prefix} {i + 1}/{n}", extra={"index": mine})
+        return None
+    missing = np.array([c for c in idx if int(c) not in have], np.int64)
+    if len(missing):
+        r = _teacher_results(teacher, crops[missing], run / f"{prefix}_c{missing[0]}n{len(missing)}.npz",
+                             prefix, extra={"index": missing})
+        for j, c in enumerate(missing):
+            have[int(c)] = {k: r[k][j] for k in keys}
+    out = {k: np.stack([have[int(c)][k] for c in idx]) for k in keys}
+    if whole_index is None or not np.array_equal(whole_index, idx):
+        np.savez(whole, **out, index=np.asarray(idx, np.int64))
+    return out
+
+
+def dihedral(cells: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random rotation by k * 90 degrees and flip per cell: [B, C, S, S] -> [B, C, S, S] (square cells)."""
+    k = torch.randint(0, 4, (len(cells),), generator=gen).tolist()
+    f = torch.randint(0, 2, (len(cells),), generator=gen).tolist()
+    return torch.stack([torch.rot90(c, kk, dims=(1, 2)).flip(2) if ff else torch.rot90(c, kk, dims=(1, 2))
+                        for c, kk, ff in zip(cells, k, f)])
 
 
 @torch.no_grad()
@@ -169,8 +236,9 @@ def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
     return math.exp((lo + hi) / 2)
 
 
-def distill(cfg: DistillConfig, progress: bool = True) -> Path:
-    """Run (or resume) all stages; returns the run folder with student.safetensors and distill.json."""
+def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | None = None) -> Path:
+    """Run (or resume) all stages; returns the run folder with student.safetensors and distill.json.
+    With ``part=(i, n)``: only compute slice i of n of the missing teacher targets (see teacher_targets)."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
@@ -182,9 +250,15 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     with np.load(Path(cfg.teacher_dir) / "splits.npz") as z:
         splits = {k: z[k] for k in ("train", "val", "cal")}
     crops, labels = data["crops"], data["labels"]
-    val = _teacher_results(teacher, crops[splits["val"]], run / "teacher_val.npz", "teacher val")
-    tgt_idx = splits["train"][stratified_sample(labels[splits["train"]], cfg.target_cells, seed=cfg.seed)]
-    tgt = _teacher_results(teacher, crops[tgt_idx], run / "teacher_targets.npz", "teacher targets")
+    train = splits["train"]
+    tgt_idx = _target_index(labels, train, cfg)
+    stages = ((splits["val"], "teacher_val", lambda n: splits["val"]),
+              (tgt_idx, "teacher_targets", lambda n: train[stratified_sample(labels[train], n, seed=cfg.seed)]))
+    if part is not None:
+        for idx, prefix, legacy in stages:
+            cached_teacher(teacher, crops, idx, run, prefix, legacy, part)
+        return run
+    val, tgt = (cached_teacher(teacher, crops, idx, run, prefix, legacy) for idx, prefix, legacy in stages)
 
     search_path = run / "search.json"
     if search_path.exists():
@@ -234,8 +308,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not progress)
     while state["step"] < cfg.steps and not (cfg.max_minutes > 0 and time.time() - t_start > cfg.max_minutes * 60):
         i = torch.randint(0, len(tgt_cells), (cfg.batch,), generator=gen)
+        x_kl = dihedral(tgt_cells[i], gen) if cfg.augment else tgt_cells[i]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            e_s = engine.class_errors(tgt_cells[i]).float()
+            e_s = engine.class_errors(x_kl).float()
         logp_s = torch.log_softmax(-log_a.exp() * (e_s - e_s.min(1, keepdim=True).values.detach()), 1)
         kl = F.kl_div(logp_s, p_teacher[i], reduction="batchmean")
         x, y = denoise.next()

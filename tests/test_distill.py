@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from calibration.calibset import stratified_sample  # noqa: E402
 from conftest import TINY_TIMESTEPS, random_cells, tiny_model  # noqa: E402
 
 
@@ -61,3 +62,73 @@ def test_fit_scale_recovers_a_known_temperature():
     p /= p.sum(1, keepdims=True)
     labels = np.array([rng.choice(k, p=row) for row in p])
     assert fit_scale(errors, labels) == pytest.approx(b, rel=0.15)
+
+
+def test_cached_teacher_stages_split_into_parts_are_reused_and_kept_in_cell_order(tmp_path):
+    """--part I/N slices compute disjoint halves; the whole stage then computes nothing new; a legacy file without
+    an index counts as the cells it was made for; a larger sample only computes the cells it lacks."""
+    from edge.errors import InputError
+    from export.distill import DistillConfig, _target_index, cached_teacher
+
+    teacher = tiny_model(0)
+    crops = random_cells(20, seed=4).transpose(0, 2, 3, 1).copy()
+    labels = np.arange(20) % 4
+    train = np.arange(2, 18)  # 16 training cells
+    run = tmp_path / "run"
+    run.mkdir()
+    idx8 = _target_index(labels, train, DistillConfig(target_cells=8))
+    assert len(idx8) == 8 and set(idx8) <= set(train)
+    legacy = lambda n: train[stratified_sample(labels[train], n, seed=0)]  # noqa: E731
+    r8 = cached_teacher(teacher, crops, idx8, run, "teacher_targets", legacy)
+    assert r8["errors"].shape == (8, 8) and len(list(run.glob("teacher_targets*.npz"))) == 2  # its file + the whole
+    # legacy layout: only teacher_targets.npz, without an index, standing for the stratified sample of its size
+    for f in run.glob("teacher_targets*.npz"):
+        with np.load(f) as z:
+            rows = {k: z[k] for k in z.files if k != "index"}
+        f.unlink()
+    np.savez(run / "teacher_targets.npz", **rows)
+    idx = _target_index(labels, train, DistillConfig(target_cells=0))
+    assert list(idx) == list(train)
+    for i in range(2):
+        assert cached_teacher(teacher, crops, idx, run, "teacher_targets", legacy, part=(i, 2)) is None
+    files = sorted(run.glob("teacher_targets_c*.npz"))
+    parts = [np.load(f)["index"] for f in files]
+    assert len(files) == 2 and sorted(np.concatenate(parts).tolist()) == sorted(set(train) - set(idx8))
+    r = cached_teacher(teacher, crops, idx, run, "teacher_targets", legacy)
+    assert len(list(run.glob("teacher_targets_c*.npz"))) == 2  # nothing new computed
+    assert r["errors"].shape == (16, 8)
+    pos = {int(c): j for j, c in enumerate(idx)}
+    np.testing.assert_array_equal(r["errors"][[pos[int(c)] for c in idx8]], r8["errors"])
+    for f, p in zip(files, parts):
+        np.testing.assert_array_equal(r["label"][[pos[int(c)] for c in p]], np.load(f)["label"])
+    with np.load(run / "teacher_targets.npz") as z:  # rewritten whole, with its index
+        assert list(z["index"]) == list(idx) and np.array_equal(z["label"], r["label"])
+    # a legacy file whose size does not match the cells it stands for is refused, naming it
+    np.savez(run / "teacher_val.npz", **{k: v[:3] for k, v in rows.items()})
+    with pytest.raises(InputError, match="teacher_val.npz"):
+        cached_teacher(teacher, crops, np.arange(18, 20), run, "teacher_val", lambda n: np.arange(18, 20))
+
+
+def test_dihedral_gives_one_of_the_eight_symmetries_per_cell():
+    from export.distill import dihedral
+
+    cells = torch.from_numpy(random_cells(32, seed=2))
+    out = dihedral(cells, torch.Generator().manual_seed(0))
+    seen = set()
+    for c, o in zip(cells, out):
+        views = [torch.rot90(c, k, dims=(1, 2)) for k in range(4)]
+        views += [v.flip(2) for v in views]
+        hit = [j for j, v in enumerate(views) if torch.equal(v, o)]
+        assert hit, "not a rotation or flip of its input"
+        seen.add(hit[0])
+    assert len(seen) >= 5  # random per cell, not one transform for the batch
+
+
+def test_distill_part_option_is_checked_by_the_cli():
+    import subprocess
+    import sys
+
+    for bad in ("2/2", "x/2", "1"):
+        res = subprocess.run([sys.executable, "-m", "edge.cli", "distill", "--part", bad], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 2 and "--part" in res.stderr and "Traceback" not in res.stderr

@@ -17,7 +17,23 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300)")
     p.add_argument("--max-minutes", type=float, help="stop fine-tuning after this budget (resumable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
+    p.add_argument("--target-cells", type=int, help="training cells with teacher targets (0 = all; default 1600)")
+    p.add_argument("--part", type=_part, metavar="I/N", help="only compute slice I of N (0-based) of the missing "
+                   "teacher targets, then stop: run N of these at once (one per core, --threads 1), then distill "
+                   "without --part")
     p.set_defaults(func=run)
+
+
+def _part(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part wants I/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= I < N")
+    return i, n
 
 
 def run(args) -> int:
@@ -25,6 +41,9 @@ def run(args) -> int:
     from export.distill import DistillConfig, distill
 
     cfg = config_from_args(DistillConfig, args)
-    out = distill(cfg)
-    print((out / "distill.json").read_text())
+    out = distill(cfg, part=args.part)
+    if args.part is None:
+        print((out / "distill.json").read_text())
+    else:
+        print(f"teacher targets part {args.part[0]}/{args.part[1]} saved in {out}")
     return 0
