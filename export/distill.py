@@ -34,7 +34,7 @@ from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import Engine, build_engine, student_unet
 from export.teacher import Teacher, load_teacher
-from export.train import _Batches, load_cache
+from export.train import _Batches, load_cache, lr_at
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class DistillConfig:
     steps: int = 300
     batch: int = 16
     lr: float = 3e-5
+    lr_decay_steps: int = 0  # the last N steps anneal the student's lr (cosine) to lr_final_frac * lr; 0 = constant
+    lr_final_frac: float = 0.05
     denoise_weight: float = 1.0
     ckpt_every: int = 50
     max_minutes: float = 0.0
@@ -324,6 +326,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         loss = kl + cfg.denoise_weight * dn
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.param_groups[0]["lr"] = lr_at(state["step"], cfg)  # the student's group; log_a keeps its own lr
         opt.step()
         state["step"] += 1
         state["log"].append((state["step"], kl.item(), dn.item(), log_a.exp().item()))

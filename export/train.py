@@ -138,8 +138,9 @@ class _Batches:
         return x.clamp(-1.2, 1.2), self.labels[i]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Constant cfg.lr, then a cosine anneal to lr_final_frac * lr over the last lr_decay_steps steps."""
+def lr_at(step: int, cfg: "TrainConfig | DistillConfig") -> float:
+    """Constant cfg.lr, then a cosine anneal to lr_final_frac * lr over the last lr_decay_steps steps (any config
+    with steps, lr, lr_decay_steps and lr_final_frac)."""
     start = cfg.steps - cfg.lr_decay_steps
     if cfg.lr_decay_steps <= 0 or step < start:
         return cfg.lr

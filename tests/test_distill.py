@@ -132,3 +132,44 @@ def test_distill_part_option_is_checked_by_the_cli():
         res = subprocess.run([sys.executable, "-m", "edge.cli", "distill", "--part", bad], capture_output=True,
                              text=True, timeout=60)
         assert res.returncode == 2 and "--part" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_path):
+    """The whole `distill` on a tiny teacher and cache: two --part processes' worth of teacher stages, then the
+    run picks them up (computing nothing new), searches, fine-tunes with augmentation and an lr anneal, writes
+    student.safetensors + distill.json; run again, it resumes with nothing left to do."""
+    import torch as _torch
+
+    from conftest import save_tiny_teacher
+    from export.distill import DistillConfig, distill
+    from export.engine import load_student
+
+    teacher = tiny_model(0)
+    tdir = tmp_path / "teacher"
+    tdir.mkdir()
+    save_tiny_teacher(teacher, tdir)
+    n = 30
+    crops = random_cells(n, seed=8).transpose(0, 2, 3, 1).copy()
+    labels = np.arange(n) % 8
+    np.savez(tmp_path / "cache.npz", crops=crops, labels=labels, classes=np.array(teacher.cfg.classes))
+    np.savez(tdir / "splits.npz", train=np.arange(0, 16), val=np.arange(16, 24), cal=np.arange(24, 30))
+    cfg = DistillConfig(teacher_dir=str(tdir), run_dir=str(tmp_path / "run"), cache=str(tmp_path / "cache.npz"),
+                        grid=(200, 600), search_seeds=2, search_cells=8, target_cells=0, steps=6, batch=4,
+                        lr=1e-4, lr_decay_steps=4, ckpt_every=3, threads=1, augment=True)
+    for i in range(2):
+        distill(cfg, progress=False, part=(i, 2))
+    run = tmp_path / "run"
+    before = {f.name for f in run.glob("*.npz")}
+    assert len([f for f in before if f.startswith("teacher_val_c")]) == 2
+    assert len([f for f in before if f.startswith("teacher_targets_c")]) == 2
+    distill(cfg, progress=False)
+    assert {f.name for f in run.glob("*_c*.npz")} == {f for f in before if "_c" in f}  # nothing recomputed
+    info = json.loads((run / "distill.json").read_text())
+    assert info["steps"] == 6 and info["timesteps"] == [200, 600] and 0.0 <= info["val_agreement_with_teacher"] <= 1.0
+    ck = _torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 3 / 4))))
+    unet, _ = load_student(teacher, run)
+    w = {k: v.clone() for k, v in unet.state_dict().items()}
+    distill(cfg, progress=False)  # resumes at step 6 of 6: the student does not change
+    unet2, _ = load_student(teacher, run)
+    assert all(_torch.equal(w[k], v) for k, v in unet2.state_dict().items())
