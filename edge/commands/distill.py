@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300)")
     p.add_argument("--max-minutes", type=float, help="stop fine-tuning after this budget (resumable)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
+    p.add_argument("--lr-decay-steps", type=int, help="anneal the lr (cosine, to 5%%) over the last N steps (default 0: constant)")
     p.add_argument("--target-cells", type=int, help="training cells with teacher targets (0 = all; default 1600)")
     p.add_argument("--part", type=_part, metavar="I/N", help="only compute slice I of N (0-based) of the missing "
                    "teacher targets, then stop: run N of these at once (one per core, --threads 1), then distill "
