@@ -138,8 +138,8 @@ def dihedral(cells: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random rotation by k * 90 degrees and flip per cell: [B, C, S, S] -> [B, C, S, S] (square cells)."""
     k = torch.randint(0, 4, (len(cells),), generator=gen).tolist()
     f = torch.randint(0, 2, (len(cells),), generator=gen).tolist()
-    return torch.stack([torch.rot90(c, kk, dims=(1, 2)).flip(2) if ff else torch.rot90(c, kk, dims=(1, 2))
-                        for c, kk, ff in zip(cells, k, f)])
+    views = [torch.rot90(c, kk, dims=(1, 2)) for c, kk in zip(cells, k)]
+    return torch.stack([v.flip(2) if ff else v for v, ff in zip(views, f)])
 
 
 @torch.no_grad()
@@ -240,7 +240,8 @@ def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
 
 def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | None = None) -> Path:
     """Run (or resume) all stages; returns the run folder with student.safetensors and distill.json.
-    With ``part=(i, n)``: only compute slice i of n of the missing teacher targets (see teacher_targets)."""
+    With ``part=(i, n)``: only compute slice i of n of the two teacher stages, validation and targets (see
+    cached_teacher), and return."""
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 

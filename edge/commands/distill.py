@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--lr-decay-steps", type=int, help="anneal the lr (cosine, to 5%%) over the last N steps (default 0: constant)")
     p.add_argument("--target-cells", type=int, help="training cells with teacher targets (0 = all; default 1600)")
     p.add_argument("--part", type=_part, metavar="I/N", help="only compute slice I of N (0-based) of the missing "
-                   "teacher targets, then stop: run N of these at once (one per core, --threads 1), then distill "
+                   "teacher stages (validation and targets), then stop: run N of these at once (one per core, --threads 1), then distill "
                    "without --part")
     p.set_defaults(func=run)
 
@@ -46,5 +46,5 @@ def run(args) -> int:
     if args.part is None:
         print((out / "distill.json").read_text())
     else:
-        print(f"teacher targets part {args.part[0]}/{args.part[1]} saved in {out}")
+        print(f"teacher stages, part {args.part[0]}/{args.part[1]}, saved in {out}")
     return 0
