@@ -141,7 +141,7 @@ def run(args) -> dict:
     from edge.bundle import load_bundle
     from edge.errors import BackendError
     from export.diffusion_classifier import ClassifierConfig, classify_cells
-    from export.engine import build_engine, load_student
+    from export.engine import VIEWS, build_engine, load_student
     from export.teacher import load_teacher
 
     torch.set_num_threads(args.threads)
@@ -157,7 +157,8 @@ def run(args) -> dict:
     teacher = load_teacher(args.teacher)
     unet = load_student(teacher, args.student)[0] if args.student else None
     engine = build_engine(teacher, unet, bundle.timesteps, bundle.noise_seed,
-                          bundle.manifest.get("timestep_weights"), bundle.manifest.get("logit_scale", 1.0))
+                          bundle.manifest.get("timestep_weights"), bundle.manifest.get("logit_scale", 1.0),
+                          VIEWS.index(bundle.view))
     c, s = teacher.cfg.latent_channels, teacher.cfg.latent_size
     flops_per_eval = count_flops(teacher.unet, torch.zeros(1, c, s, s), torch.tensor([500]),
                                  class_labels=torch.tensor([0]))

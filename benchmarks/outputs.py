@@ -5,7 +5,7 @@ split, and the anomaly protocols.
 - ``bccd``: BCCD white cells (another microscope; domain shift alone) through the same engine;
 - ``loco_<class>``: leave-one-class-out. A teacher trained WITHOUT that class (``--loco-teacher``, made by
   ``cytoedge train`` on a cache with the class removed) is turned into a fixed-timestep engine with the
-  bundle's timesteps and noise seed; its normal validation and calibration cells, and the held-out class's
+  bundle's timesteps, noise seed and view; its normal validation and calibration cells, and the held-out class's
   cells, are scored by it.
 
     python benchmarks/outputs.py --bundle edge/models/default --bccd ../shared/data/bccd \
@@ -67,12 +67,12 @@ def main() -> int:
     if args.loco_teacher:
         import torch
 
-        from export.engine import build_engine
+        from export.engine import VIEWS, build_engine
         from export.teacher import load_teacher
 
         torch.set_num_threads(2)
         t = load_teacher(args.loco_teacher)
-        eng = build_engine(t, None, bundle.timesteps, bundle.noise_seed)
+        eng = build_engine(t, None, bundle.timesteps, bundle.noise_seed, view=VIEWS.index(bundle.view))
         held = classes.index(args.loco_class)
         keep = [classes.index(c) for c in t.cfg.classes]
         remap = {c: i for i, c in enumerate(keep)}

@@ -30,7 +30,8 @@ class Bundle:
     """A verified bundle. root: folder; manifest: parsed manifest.json; classes: K class names; crop_size: input
     side S in px; evals_per_cell: denoiser evaluations per cell; calibration: parsed calibration.json or None;
     bundle_id: 12 hex chars identifying the exact files; engines: precision -> ONNX file name; precision: the
-    default precision; timesteps: the fixed timesteps; noise_seed: seed of the fixed noise."""
+    default precision; timesteps: the fixed timesteps; noise_seed: seed of the fixed noise; view: the dihedral
+    view the engine turns each cell by inside its graph (export.engine.VIEWS; "identity" in older manifests)."""
 
     root: Path
     manifest: dict
@@ -43,6 +44,7 @@ class Bundle:
     precision: str = "fp32"
     timesteps: list[int] = field(default_factory=list)
     noise_seed: int = 0
+    view: str = "identity"
     tensorrt_sources: dict[str, str] = field(default_factory=dict)  # precision -> ONNX a TensorRT plan is built from
 
     def engine_path(self, precision: str | None = None) -> Path:
@@ -184,17 +186,21 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     return Bundle(root=root, manifest=m, classes=list(classes), crop_size=crop, evals_per_cell=evals,
                   calibration=calibration, bundle_id=bundle_id, engines=dict(engines),
                   precision=m["precision"], timesteps=[int(t) for t in m["timesteps"]],
-                  noise_seed=int(m["noise_seed"]), tensorrt_sources=dict(sources))
+                  noise_seed=int(m["noise_seed"]), view=str(m.get("view", "identity")), tensorrt_sources=dict(sources))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
+    """Write ``data`` to a temporary file next to ``path``, fsync, then rename over ``path``. The file keeps the
+    permissions of the one it replaces (a new one gets 0644), not mkstemp's 0600: a daemon running as another
+    user must still read a bundle that ``cytoedge calibrate`` rewrote."""
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

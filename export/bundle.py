@@ -93,13 +93,15 @@ def write_bundle(out_dir: str | Path, files: dict[str, str | Path], *, name: str
     return manifest
 
 
-def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], noise_seed: int,
+def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], noise_seed: int, view: int = 0,
                  weights: list[float] | None, calib_cells, scale_cells=None, logit_scale: float | None = None, precisions=("fp32", "int8"),
                  default_precision: str = "fp32", int8_preset: str = "tail", calibration: dict | None = None,
                  teacher_files: dict[str, str | Path] | None = None, name: str = "cytoedge-engine",
                  training_data: dict | None = None, metrics: dict | None = None, progress=None) -> dict:
     """Build the engine from ``model`` (a loaded Teacher-like object) with ``unet`` as the denoiser (None =
     the model's own), export it at each of ``precisions``, and write a bundle to ``out_dir``; returns the manifest.
+
+    view: the dihedral view the engine turns cells by (export.engine.VIEWS; the student's distill.json says which);
 
     calib_cells: uint8 [N, 3, S, S], the INT8 calibration set (a stratified sample of training cells);
     logit_scale: logits = -errors * logit_scale (e.g. the one distillation fitted); None = measured on
@@ -114,7 +116,7 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
     import torch
 
     from calibration.calibset import crops_sha256
-    from export.engine import build_engine, measure_logit_scale
+    from export.engine import VIEWS, build_engine, measure_logit_scale
     from export.onnx_export import OPSET, export_onnx
     from export.quantize import quantize_int8
 
@@ -123,7 +125,7 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
     if unknown or default_precision not in precisions:
         raise BundleError(f"precisions {list(precisions)} must be among {PRECISIONS} and include the default "
                           f"{default_precision!r}")
-    engine = build_engine(model, unet, timesteps, noise_seed, weights)
+    engine = build_engine(model, unet, timesteps, noise_seed, weights, view=view)
     if logit_scale is None:
         scale_cells = calib_cells[:64] if scale_cells is None else scale_cells
         logit_scale = measure_logit_scale(engine, torch.from_numpy(np.ascontiguousarray(scale_cells)))
@@ -167,7 +169,8 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
             files.update({k: Path(v) for k, v in teacher_files.items()})
             teacher = {"weights": next(k for k in teacher_files if k.endswith(".safetensors")),
                        "config": next(k for k in teacher_files if k.endswith(".json"))}
-        extra = {"logit_scale": engine.logit_scale, "timestep_weights": engine.weights.flatten().tolist()}
+        extra = {"logit_scale": engine.logit_scale, "timestep_weights": engine.weights.flatten().tolist(),
+                 "view": VIEWS[engine.view]}
         if quant:
             extra["quantization"] = quant
             extra["tensorrt_sources"] = {"int8": "engine_int8_symmetric.onnx"}

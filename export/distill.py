@@ -14,6 +14,11 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
 5. ``student.safetensors``: the student fine-tuned so that the engine's class errors at those timesteps match
    the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true labels and a
    learned, plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
+6. ``view.json``: the dihedral view the engine turns cells by (export.engine.dihedral_view), chosen for accuracy
+   on the calibration split. With one fixed noise draw, the student's accuracy depends on how that noise meets
+   the cell: the accuracy of the session-5 student over its 8 views spread over 1.5 points (calibration split)
+   and 1.1 points (validation split). The student was trained on random views, so each view is a fair
+   candidate; the validation split stays untouched by the choice.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from calibration.calibset import stratified_sample
 from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
-from export.engine import Engine, build_engine, student_unet
+from export.engine import VIEWS, Engine, build_engine, dihedral_view, student_unet
 from export.teacher import Teacher, load_teacher
 from export.train import _Batches, load_cache, lr_at
 
@@ -138,8 +143,7 @@ def dihedral(cells: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random rotation by k * 90 degrees and flip per cell: [B, C, S, S] -> [B, C, S, S] (square cells)."""
     k = torch.randint(0, 4, (len(cells),), generator=gen).tolist()
     f = torch.randint(0, 2, (len(cells),), generator=gen).tolist()
-    views = [torch.rot90(c, kk, dims=(1, 2)) for c, kk in zip(cells, k)]
-    return torch.stack([v.flip(2) if ff else v for v, ff in zip(views, f)])
+    return torch.cat([dihedral_view(c[None], kk + 4 * ff) for c, kk, ff in zip(cells, k, f)])
 
 
 @torch.no_grad()
@@ -165,6 +169,22 @@ def search(teacher: Teacher, cells: np.ndarray, teacher_label: np.ndarray, cfg: 
         if agree > best_agree:
             best_seed, best_agree = seed, agree
     return {"timesteps": best_t, "noise_seed": best_seed, "agreement": best_agree, "n_cells": int(len(cells)), "table": rows}
+
+
+def search_view(engine: Engine, cells: np.ndarray, labels: np.ndarray, progress: bool = False) -> dict:
+    """Stage 6: the dihedral view (index into VIEWS) with the highest accuracy of ``engine`` on ``cells`` uint8
+    [N, S, S, 3] with true ``labels`` [N] (ties: the lower index; identity first). Leaves engine.view as found."""
+    from tqdm import tqdm
+
+    rows, keep = [], engine.view
+    for view in tqdm(range(len(VIEWS)), desc="view", disable=not progress):
+        engine.view = view
+        pred = engine_errors(engine, cells).argmin(1)
+        rows.append({"view": view, "name": VIEWS[view], "accuracy": float(np.mean(pred == labels))})
+    engine.view = keep
+    best = max(rows, key=lambda r: (r["accuracy"], -r["view"]))
+    return {"view": best["view"], "name": best["name"], "accuracy": best["accuracy"], "n_cells": int(len(cells)),
+            "table": rows}
 
 
 def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
@@ -212,7 +232,7 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step(); sched.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 250 == 0 or step == cfg.init_steps:
             torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
@@ -303,7 +323,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     t_start = time.time()
 
     def save(final: bool) -> None:
-        torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "log_a": float(log_a), "state": state}, run / "ckpt.pt.tmp")
+        torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "log_a": float(log_a.detach()), "state": state}, run / "ckpt.pt.tmp")
         (run / "ckpt.pt.tmp").replace(ckpt)
         if final:
             save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(run / "student.safetensors"))
@@ -338,12 +358,21 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     save(True)
 
     student.eval().requires_grad_(False)
+    view_path = run / "view.json"
+    if view_path.exists():
+        view = json.loads(view_path.read_text())
+    else:
+        view = search_view(engine, crops[splits["cal"]], labels[splits["cal"]], progress)
+        view_path.write_text(json.dumps(view, indent=2))
+    engine.view = view["view"]
     val_e = engine_errors(engine, crops[splits["val"]])
     agree = float(np.mean(val_e.argmin(1) == val["label"]))
     (run / "distill.json").write_text(json.dumps({
-        "timesteps": ts, "noise_seed": seed, "logit_scale": float(log_a.exp()), "teacher_logit_scale": b,
+        "timesteps": ts, "noise_seed": seed, "view": view["view"], "view_name": view["name"],
+        "logit_scale": float(log_a.exp()), "teacher_logit_scale": b,
         "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
         "student_channels": list(student.config.block_out_channels),
         "val_agreement_with_teacher": agree, "search": {k: v for k, v in found.items() if k != "table"},
+        "view_search": {k: v for k, v in view.items() if k != "table"},
         "config": asdict(cfg)}, indent=2))
     return run

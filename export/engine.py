@@ -6,7 +6,10 @@ cells uint8 [N, 3, S, S] RGB -> logits float32 [N, K], errors float32 [N, K], an
 Per cell the denoiser runs K * T times (K classes, T fixed timesteps), all in one batched call of size
 N * K * T. The noise is fixed (drawn once from ``noise_seed`` by ``fixed_noise``) and shared by every class
 and every cell, as in the teacher's classifier, so that class errors differ only through the class condition.
-There is no Python control flow on data, so tracing gives the same graph for every batch size.
+The cells may first be turned by one fixed dihedral ``view`` (a rotation by a multiple of 90 degrees and an
+optional flip, chosen after distillation on the calibration split: with one fixed noise draw the engine's
+accuracy depends on how the noise meets the cell, and one view suits it best). There is no Python control flow
+on data, so tracing gives the same graph for every batch size.
 """
 from __future__ import annotations
 
@@ -16,6 +19,18 @@ import torch
 import torch.nn as nn
 
 N_RUNNERS = 10  # runners-up in zeta, as in CytoDiffusion and calibration.anomaly
+VIEWS = ("identity", "rot90", "rot180", "rot270", "flip_w", "rot90+flip_w", "flip_h", "rot270+flip_w")
+
+
+def dihedral_view(cells: torch.Tensor, view: int) -> torch.Tensor:
+    """[N, C, S, S] -> [N, C, S, S]: rotate by ``view % 4`` quarter turns over (H, W), then flip W if view >= 4
+    (the 8 views of the square, named in VIEWS; view 6 is an up-down flip)."""
+    if not 0 <= view < len(VIEWS):
+        raise ValueError(f"view must be in [0, {len(VIEWS)}), got {view}")
+    # torch.rot90(cells, view % 4, (2, 3)), spelt with flip and transpose, which ONNX exports
+    x = {0: lambda c: c, 1: lambda c: c.flip(3).transpose(2, 3), 2: lambda c: c.flip((2, 3)),
+         3: lambda c: c.transpose(2, 3).flip(3)}[view % 4](cells)
+    return x.flip(3) if view >= 4 else x
 
 
 def fixed_noise(seed: int, timesteps: int, channels: int, size: int) -> torch.Tensor:
@@ -40,8 +55,9 @@ class Engine(nn.Module):
 
     def __init__(self, ae: nn.Module, unet: nn.Module, latent_scale: float | torch.Tensor, abar: torch.Tensor, mask: torch.Tensor,
                  timesteps: Sequence[int], noise: torch.Tensor, weights: Sequence[float] | torch.Tensor,
-                 n_classes: int, logit_scale: float = 1.0):
+                 n_classes: int, logit_scale: float = 1.0, view: int = 0):
         super().__init__()
+        dihedral_view(torch.zeros(1, 1, 2, 2), view)  # validates the view
         t = torch.as_tensor(list(timesteps), dtype=torch.int64)
         w = torch.as_tensor(weights, dtype=torch.float32).flatten()
         n_t = len(t)
@@ -60,6 +76,7 @@ class Engine(nn.Module):
         self.timesteps = [int(v) for v in t]
         self.register_buffer("latent_scale", torch.as_tensor(latent_scale, dtype=torch.float32).clone().reshape(1, -1, 1, 1))
         self.logit_scale = float(logit_scale)
+        self.view = int(view)
         a = abar.float()[t]
         self.register_buffer("sqrt_a", a.sqrt().view(1, n_t, 1, 1, 1))
         self.register_buffer("sqrt_1ma", (1 - a).sqrt().view(1, n_t, 1, 1, 1))
@@ -80,7 +97,7 @@ class Engine(nn.Module):
     def class_errors(self, cells: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> float32 [N, K]: weighted mean over t of the masked squared denoiser error."""
         k, n_t = self.n_classes, self.n_timesteps
-        x = cells.float() * (1.0 / 127.5) - 1.0
+        x = dihedral_view(cells, self.view).float() * (1.0 / 127.5) - 1.0
         z0 = self.encoder(x) * self.latent_scale  # [N, C, s, s]
         c, s = z0.shape[1], z0.shape[2]
         zt = self.sqrt_a * z0.unsqueeze(1) + self.sqrt_1ma * self.noise.unsqueeze(0)  # [N, T, C, s, s]
@@ -122,14 +139,14 @@ def measure_logit_scale(engine: Engine, cells_u8: torch.Tensor, batch: int = 16)
 
 
 def build_engine(model, unet: nn.Module | None, timesteps: Sequence[int], noise_seed: int,
-                 weights: Sequence[float] | None = None, logit_scale: float = 1.0) -> Engine:
+                 weights: Sequence[float] | None = None, logit_scale: float = 1.0, view: int = 0) -> Engine:
     """An Engine from a loaded Teacher-like ``model`` (export.teacher.Teacher: cfg, ae, unet, latent_scale,
     abar, mask) with ``unet`` as the denoiser (None = the model's own), eval mode, no gradients."""
     cfg = model.cfg
     noise = fixed_noise(noise_seed, len(timesteps), cfg.latent_channels, cfg.latent_size)
     w = [1.0] * len(timesteps) if weights is None else list(weights)
     eng = Engine(model.ae, model.unet if unet is None else unet, model.latent_scale, model.abar, model.mask,
-                 timesteps, noise, w, len(cfg.classes), logit_scale)
+                 timesteps, noise, w, len(cfg.classes), logit_scale, view)
     return eng.eval().requires_grad_(False)
 
 

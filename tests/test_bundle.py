@@ -156,6 +156,15 @@ def test_update_bundle_file_rehashes_and_keeps_other_checks(bundle_dir):
         update_bundle_file(bundle_dir, "manifest.json", b"{}")
 
 
+def test_rewritten_bundle_files_stay_readable_by_other_users(bundle_dir):
+    """A daemon running as its own user reads a bundle that `cytoedge calibrate` rewrote: the new files keep the
+    old ones' permissions (mkstemp alone would leave them 0600)."""
+    (bundle_dir / "calibration.json").chmod(0o644)
+    update_bundle_file(bundle_dir, "calibration.json", (bundle_dir / "calibration.json").read_bytes())
+    assert (bundle_dir / "calibration.json").stat().st_mode & 0o777 == 0o644
+    assert (bundle_dir / "manifest.json").stat().st_mode & 0o044 == 0o044
+
+
 def test_update_bundle_file_adds_a_calibration_to_an_uncalibrated_bundle(bundle_dir):
     m = read_manifest(bundle_dir)
     data = (bundle_dir / "calibration.json").read_bytes()

@@ -166,6 +166,8 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     assert {f.name for f in run.glob("*_c*.npz")} == {f for f in before if "_c" in f}  # nothing recomputed
     info = json.loads((run / "distill.json").read_text())
     assert info["steps"] == 6 and info["timesteps"] == [200, 600] and 0.0 <= info["val_agreement_with_teacher"] <= 1.0
+    view = json.loads((run / "view.json").read_text())
+    assert info["view"] == view["view"] and view["n_cells"] == 6 and len(view["table"]) == 8  # the cal split
     ck = _torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 3 / 4))))
     unet, _ = load_student(teacher, run)
@@ -173,3 +175,30 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     distill(cfg, progress=False)  # resumes at step 6 of 6: the student does not change
     unet2, _ = load_student(teacher, run)
     assert all(_torch.equal(w[k], v) for k, v in unet2.state_dict().items())
+
+
+class _RowEngine:
+    """A stand-in engine whose class k error is minus the mean of the left half of row k of the cell turned by its
+    view: which class wins depends on the view, as with a real student's fixed noise."""
+
+    view = 0
+
+    def class_errors(self, cells):
+        from export.engine import dihedral_view
+
+        return -dihedral_view(cells, self.view).float()[:, 0, :8, :32].mean(2)
+
+
+def test_search_view_picks_the_most_accurate_view_and_leaves_the_engine_as_it_was():
+    from export.distill import engine_errors, search_view
+    from export.engine import VIEWS
+
+    engine = _RowEngine()
+    cells = random_cells(40, seed=9).transpose(0, 2, 3, 1).copy()
+    engine.view = 5
+    labels = engine_errors(engine, cells).argmin(1)  # view 5 is right on every cell
+    engine.view = 2
+    found = search_view(engine, cells, labels)
+    acc = [r["accuracy"] for r in found["table"]]
+    assert len(acc) == 8 and acc[5] == 1.0 and max(acc[:5] + acc[6:]) < 0.5
+    assert found["view"] == 5 and found["name"] == VIEWS[5] and engine.view == 2

@@ -10,7 +10,7 @@ from conftest import TINY_NOISE_SEED, TINY_TIMESTEPS, random_cells, tiny_model
 from edge.backends import load_backend
 from edge.bundle import load_bundle
 from edge.errors import InputError
-from export.engine import Engine, build_engine, fixed_noise, measure_logit_scale
+from export.engine import VIEWS, Engine, build_engine, dihedral_view, fixed_noise, measure_logit_scale
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,32 @@ def test_bad_engine_arguments_are_refused(model):
         Engine(model.ae, model.unet, 1.0, model.abar, model.mask, [10, 5000], noise, [1, 1], 8)
     with pytest.raises(ValueError, match="noise"):
         Engine(model.ae, model.unet, 1.0, model.abar, model.mask, [10], noise, [1], 8)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    cells = torch.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    outs = [dihedral_view(cells, v) for v in range(len(VIEWS))]
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
+    assert torch.equal(outs[0], cells)
+    assert torch.equal(outs[VIEWS.index("flip_h")], cells.flip(2))  # upside down
+    assert torch.equal(outs[VIEWS.index("flip_w")], cells.flip(3))
+    for k in range(4):
+        assert torch.equal(outs[k], torch.rot90(cells, k, (2, 3)))
+        assert torch.equal(outs[k + 4], torch.rot90(cells, k, (2, 3)).flip(3))
+    with pytest.raises(ValueError, match="view"):
+        dihedral_view(cells, 8)
+
+
+def test_engine_view_turns_each_cell_before_everything_else(model, engine):
+    """An engine with view v gives on a cell what the view-0 engine gives on that cell turned by v."""
+    cells = torch.from_numpy(random_cells(3, seed=6))
+    turned = build_engine(model, None, TINY_TIMESTEPS, TINY_NOISE_SEED, None, logit_scale=3.0, view=6)
+    with torch.no_grad():
+        got = turned.class_errors(cells)
+        torch.testing.assert_close(got, engine.class_errors(dihedral_view(cells, 6)), rtol=1e-6, atol=1e-8)
+        assert not torch.allclose(got, engine.class_errors(cells), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="view"):
+        build_engine(model, None, TINY_TIMESTEPS, TINY_NOISE_SEED, view=-1)
 
 
 @pytest.mark.parametrize("n, max_batch", [(1, 4), (3, 4), (5, 2), (7, 3)])

@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_NOISE_SEED, TINY_TIMESTEPS, tiny_model
+from conftest import TINY_NOISE_SEED, TINY_TIMESTEPS, TINY_VIEW, tiny_model
 from edge.backends import load_backend
 from edge.bundle import load_bundle
-from export.engine import build_engine
+from export.engine import VIEWS, build_engine
 from export.onnx_export import export_onnx, onnx_io
 
 
 @pytest.fixture(scope="module")
 def torch_engine(tiny_bundle):
-    """The PyTorch engine the tiny bundle was exported from (same seed, same weights, same logit scale)."""
-    scale = json.loads((tiny_bundle / "manifest.json").read_text())["logit_scale"]
-    return build_engine(tiny_model(), None, TINY_TIMESTEPS, TINY_NOISE_SEED, None, logit_scale=scale)
+    """The PyTorch engine the tiny bundle was exported from (same seed, view, weights and logit scale)."""
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["view"] == VIEWS[TINY_VIEW] == load_bundle(tiny_bundle).view
+    return build_engine(tiny_model(), None, TINY_TIMESTEPS, TINY_NOISE_SEED, None, logit_scale=manifest["logit_scale"],
+                        view=TINY_VIEW)
 
 
 def torch_outputs(engine, cells: np.ndarray) -> dict[str, np.ndarray]:

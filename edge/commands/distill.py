@@ -8,7 +8,9 @@ def register(sub) -> None:
                        description="Compute the teacher's full diffusion classification of validation cells and of a "
                        "sample of training cells, search fixed timesteps and a noise seed for agreement with it, then "
                        "fine-tune a student denoiser so the engine's class errors match the teacher's (KL + denoising "
-                       "loss). Every stage is cached in --run-dir and resumes. Needs the 'export' extra.")
+                       "loss), and last choose the dihedral view the engine turns cells by, for accuracy on the calibration split "
+                       "(written to view.json; the export reads it). Every stage is cached in --run-dir and resumes. "
+                       "Needs the 'export' extra.")
     p.add_argument("--config", help="TOML file with DistillConfig keys (CLI options override it)")
     p.add_argument("--teacher-dir", help="folder with teacher.safetensors, teacher.json, splits.npz (default runs/teacher)")
     p.add_argument("--run-dir", help="output / resume folder (default runs/student)")

@@ -168,7 +168,7 @@ def make_export_config(args: argparse.Namespace) -> ExportConfig:
 
 
 def _engine_parts(cfg: ExportConfig):
-    """(teacher, student unet or None, timesteps, noise_seed, logit_scale or None, distill info)."""
+    """(teacher, student unet or None, timesteps, noise_seed, view, logit_scale or None, distill info)."""
     from export.engine import load_student
     from export.teacher import load_teacher
 
@@ -184,7 +184,7 @@ def _engine_parts(cfg: ExportConfig):
         ts, seed, scale = info["timesteps"], info["noise_seed"], info.get("logit_scale")
     elif not ts or seed < 0:
         raise ConfigError("without --student, give the engine's --timesteps and --noise-seed")
-    return teacher, unet, ts, seed, scale, info
+    return teacher, unet, ts, seed, int(info.get("view", 0)), scale, info
 
 
 def _load_data(cfg: ExportConfig) -> dict:
@@ -298,12 +298,12 @@ def run(args: argparse.Namespace) -> int:
         print(out)
         return 0
 
-    teacher, unet, ts, seed, scale, info = _engine_parts(cfg)
+    teacher, unet, ts, seed, view, scale, info = _engine_parts(cfg)
     if args.action == "onnx":
         from export.engine import build_engine
         from export.onnx_export import export_onnx
 
-        eng = build_engine(teacher, unet, ts, seed, list(cfg.weights) or None, logit_scale=scale or 1.0)
+        eng = build_engine(teacher, unet, ts, seed, list(cfg.weights) or None, logit_scale=scale or 1.0, view=view)
         if scale is None:
             _say("no student logit scale: logits = -errors (the bundle action measures a scale)")
         export_onnx(eng, out, teacher.cfg.crop_size, args.precision)
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        build_bundle(partial, teacher, unet, timesteps=ts, noise_seed=seed, weights=list(cfg.weights) or None,
+        build_bundle(partial, teacher, unet, timesteps=ts, noise_seed=seed, view=view, weights=list(cfg.weights) or None,
                      calib_cells=cells, logit_scale=scale, precisions=cfg.precisions,
                      default_precision="fp32" if cfg.default_precision == "auto" else cfg.default_precision,
                      int8_preset=cfg.int8_preset, teacher_files=teacher_files,
