@@ -21,10 +21,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean([np.mean(pred[labels == k] == k) for k in np.unique(labels)]))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="runs/teacher", help="teacher folder (teacher.safetensors, splits.npz)")
@@ -37,6 +33,7 @@ def main() -> int:
 
     import torch
 
+    from calibration.accuracy import accuracy_report
     from export.distill import engine_errors
     from export.engine import VIEWS, build_engine, load_student
     from export.teacher import load_teacher
@@ -60,9 +57,9 @@ def main() -> int:
             print(f"{split} {VIEWS[view]} done", file=sys.stderr, flush=True)
 
     def scores(split: str, e: np.ndarray) -> dict:
-        y = data["labels"][splits[split]]
-        pred = e.argmin(1)
-        r = {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": balanced_accuracy(pred, y)}
+        y, pred = data["labels"][splits[split]], e.argmin(1)
+        rep = accuracy_report(y, pred, list(teacher.cfg.classes))
+        r = {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"]}
         if split == "val":
             r["teacher_agreement"] = float(np.mean(pred == teacher_val))
         return r
