@@ -18,7 +18,8 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
    on the calibration split. With one fixed noise draw, the student's accuracy depends on how that noise meets
    the cell: the accuracy of the session-5 student over its 8 views spread over 1.5 points (calibration split)
    and 1.1 points (validation split). The student was trained on random views, so each view is a fair
-   candidate; the validation split stays untouched by the choice.
+   candidate; the validation split stays untouched by the choice. With ``train_view`` the student is instead
+   fine-tuned under that one view (no augmentation), and that view is the engine's.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class DistillConfig:
     init_batch: int = 8  # cells per imitation step (x every class)
     init_lr: float = 1e-3
     augment: bool = False  # random rotation/flip of each target cell per step (the teacher's estimate averages over them)
+    train_view: int = -1  # >= 0: fine-tune under this fixed view only (export.engine.VIEWS; needs augment = false),
+    #                       which then is the engine's view (stage 6 skips its search); -1 = train as given, search
 
 
 def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str,
@@ -302,7 +305,9 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         student.train().requires_grad_(True)
     else:
         student = copy.deepcopy(teacher.unet).train().requires_grad_(True)
-    engine = build_engine(teacher, student, ts, seed)
+    if cfg.train_view >= 0 and cfg.augment:
+        raise InputError("train_view fixes the orientation the student learns; it needs augment = false")
+    engine = build_engine(teacher, student, ts, seed, view=max(cfg.train_view, 0))
     engine.unet.requires_grad_(True)
     log_a = torch.nn.Parameter(torch.tensor(math.log(b)))
     opt = torch.optim.AdamW([{"params": student.parameters()}, {"params": [log_a], "lr": 1e-2}], lr=cfg.lr, weight_decay=0.0)
@@ -359,7 +364,10 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
 
     student.eval().requires_grad_(False)
     view_path = run / "view.json"
-    if view_path.exists():
+    if cfg.train_view >= 0:
+        view = {"view": cfg.train_view, "name": VIEWS[cfg.train_view], "chosen_by": "train_view"}
+        view_path.write_text(json.dumps(view, indent=2))
+    elif view_path.exists():
         view = json.loads(view_path.read_text())
     else:
         view = search_view(engine, crops[splits["cal"]], labels[splits["cal"]], progress)

@@ -1,6 +1,7 @@
 """Distillation pieces on a tiny random teacher: a narrow student imitates the teacher, and loads back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from calibration.calibset import stratified_sample  # noqa: E402
 from conftest import TINY_TIMESTEPS, random_cells, tiny_model  # noqa: E402
+from edge.errors import InputError  # noqa: E402
 
 
 def test_narrow_student_imitation_lowers_its_loss_and_loads_back_narrow(tmp_path):
@@ -67,7 +69,6 @@ def test_fit_scale_recovers_a_known_temperature():
 def test_cached_teacher_stages_split_into_parts_are_reused_and_kept_in_cell_order(tmp_path):
     """--part I/N slices compute disjoint halves; the whole stage then computes nothing new; a legacy file without
     an index counts as the cells it was made for; a larger sample only computes the cells it lacks."""
-    from edge.errors import InputError
     from export.distill import DistillConfig, _target_index, cached_teacher
 
     teacher = tiny_model(0)
@@ -175,6 +176,11 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     distill(cfg, progress=False)  # resumes at step 6 of 6: the student does not change
     unet2, _ = load_student(teacher, run)
     assert all(_torch.equal(w[k], v) for k, v in unet2.state_dict().items())
+    with pytest.raises(InputError, match="augment"):
+        distill(dataclasses.replace(cfg, train_view=6), progress=False)
+    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=8), progress=False)  # 2 more steps, upside down
+    info = json.loads((run / "distill.json").read_text())
+    assert info["steps"] == 8 and info["view"] == 6 and json.loads((run / "view.json").read_text())["chosen_by"] == "train_view"
 
 
 class _RowEngine:
