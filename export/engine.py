@@ -97,7 +97,7 @@ class Engine(nn.Module):
     def class_errors(self, cells: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> float32 [N, K]: weighted mean over t of the masked squared denoiser error."""
         k, n_t = self.n_classes, self.n_timesteps
-        x = dihedral_view(cells, self.view).float() * (1.0 / 127.5) - 1.0
+        x = dihedral_view(cells.float() * (1.0 / 127.5) - 1.0, self.view)  # flips on float: every backend has them
         z0 = self.encoder(x) * self.latent_scale  # [N, C, s, s]
         c, s = z0.shape[1], z0.shape[2]
         zt = self.sqrt_a * z0.unsqueeze(1) + self.sqrt_1ma * self.noise.unsqueeze(0)  # [N, T, C, s, s]
