@@ -377,7 +377,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     agree = float(np.mean(val_e.argmin(1) == val["label"]))
     (run / "distill.json").write_text(json.dumps({
         "timesteps": ts, "noise_seed": seed, "view": view["view"], "view_name": view["name"],
-        "logit_scale": float(log_a.exp()), "teacher_logit_scale": b,
+        "logit_scale": float(log_a.detach().exp()), "teacher_logit_scale": b,
         "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
         "student_channels": list(student.config.block_out_channels),
         "val_agreement_with_teacher": agree, "search": {k: v for k, v in found.items() if k != "table"},
