@@ -366,17 +366,16 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     view_path = run / "view.json"
     if cfg.train_view >= 0:
         view = {"view": cfg.train_view, "name": VIEWS[cfg.train_view], "chosen_by": "train_view"}
-        view_path.write_text(json.dumps(view, indent=2))
     elif view_path.exists():
         view = json.loads(view_path.read_text())
     else:
         view = search_view(engine, crops[splits["cal"]], labels[splits["cal"]], progress)
-        view_path.write_text(json.dumps(view, indent=2))
+    view_path.write_text(json.dumps(view, indent=2))
     engine.view = view["view"]
     val_e = engine_errors(engine, crops[splits["val"]])
     agree = float(np.mean(val_e.argmin(1) == val["label"]))
     (run / "distill.json").write_text(json.dumps({
-        "timesteps": ts, "noise_seed": seed, "view": view["view"], "view_name": view["name"],
+        "timesteps": ts, "noise_seed": seed, "view": view["view"],
         "logit_scale": float(log_a.detach().exp()), "teacher_logit_scale": b,
         "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
         "student_channels": list(student.config.block_out_channels),
