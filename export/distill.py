@@ -4,7 +4,9 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
 1. ``teacher_val.npz``: the teacher's full classification (export.diffusion_classifier) of the validation
    cells: the accuracy reference, and what the search below agrees with.
 2. ``teacher_targets.npz``: the same on a stratified sample of training cells (``target_cells``; 0 = all of
-   them): the distillation targets. Both stages are keyed by crop-cache index (``cached_teacher``), so a larger
+   them): the distillation targets. With ``target_seeds`` = (0, 1, ...) the teacher classifies them again with
+   each other noise seed (``teacher_targets_seed<s>.npz``, a stage of its own) and the targets are the mean
+   class errors over the runs. Both stages are keyed by crop-cache index (``cached_teacher``), so a larger
    sample reuses what is there, and ``cytoedge distill --part I/N`` computes slice I of both in its own process.
 3. ``search.json``: timesteps (pairs/sets from a grid) and then the noise seed, chosen for label agreement of
    the fixed-noise teacher with its own full estimate on a validation subset.
@@ -27,6 +29,7 @@ import copy
 import itertools
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ class DistillConfig:
     search_seeds: int = 8
     search_cells: int = 400  # validation cells used by the search
     target_cells: int = 1600  # training cells with teacher targets (0 = every training cell)
+    target_seeds: tuple[int, ...] = (0,)  # teacher runs (noise seeds) whose class errors are averaged per target
     steps: int = 300
     batch: int = 16
     lr: float = 3e-5
@@ -96,11 +100,13 @@ def _target_index(labels: np.ndarray, train: np.ndarray, cfg: DistillConfig) -> 
 
 
 def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Path, prefix: str,
-                   legacy_index, part: tuple[int, int] | None = None) -> dict[str, np.ndarray] | None:
+                   legacy_index, part: tuple[int, int] | None = None,
+                   ccfg: ClassifierConfig = ClassifierConfig()) -> dict[str, np.ndarray] | None:
     """The teacher's full classification of the cells crops[idx] (dict as _teacher_results, rows in idx order),
     cached in ``run/<prefix>*.npz`` files keyed by crop-cache index.
 
-    Every such file holding an ``index`` array is reused, whatever cells it was computed for, so a larger sample
+    Only ``<prefix>.npz`` and ``<prefix>_c<first>n<size>.npz`` belong to the stage (so ``teacher_targets_seed1``
+    is a stage of its own). Every such file holding an ``index`` array is reused, whatever cells it was computed for, so a larger sample
     only computes the cells it lacks; ``<prefix>.npz`` without one (as earlier versions wrote it) holds the cells
     ``legacy_index(n_rows)``. With ``part=(i, n)`` only the missing cells of slice i of n of idx are computed (the
     same partition whether the parts run at once or in turn), into a file named by its first cell and size, and
@@ -109,13 +115,14 @@ def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Pa
     keys = ("errors", "label", "evals", "zeta")
     have: dict[int, dict] = {}
     whole, whole_index = run / f"{prefix}.npz", None
+    mine_re = re.compile(re.escape(prefix) + r"(_c\d+n\d+)?\.npz")
     for f in sorted(run.glob(f"{prefix}*.npz")):
+        if not mine_re.fullmatch(f.name):
+            continue  # another stage's file (e.g. teacher_val_seed1.npz)
         with np.load(f) as z:
             index = z["index"] if "index" in z.files else None
             if f == whole and index is not None:
                 whole_index = index
-            if index is None and f.name != f"{prefix}.npz":
-                continue  # another stage's file (e.g. teacher_val_seed1.npz)
             r = {k: z[k] for k in keys}
         index = legacy_index(len(r["label"])) if index is None else index
         if len(index) != len(r["label"]):
@@ -128,12 +135,12 @@ def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Pa
         mine = np.setdiff1d(np.array_split(idx, n)[i], list(have)).astype(np.int64)
         if len(mine):
             _teacher_results(teacher, crops[mine], run / f"{prefix}_c{mine[0]}n{len(mine)}.npz",
-                             f"{prefix} {i + 1}/{n}", extra={"index": mine})
+                             f"{prefix} {i + 1}/{n}", ccfg, extra={"index": mine})
         return None
     missing = np.array([c for c in idx if int(c) not in have], np.int64)
     if len(missing):
         r = _teacher_results(teacher, crops[missing], run / f"{prefix}_c{missing[0]}n{len(missing)}.npz",
-                             prefix, extra={"index": missing})
+                             prefix, ccfg, extra={"index": missing})
         for j, c in enumerate(missing):
             have[int(c)] = {k: r[k][j] for k in keys}
     out = {k: np.stack([have[int(c)][k] for c in idx]) for k in keys}
@@ -278,13 +285,21 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     crops, labels = data["crops"], data["labels"]
     train = splits["train"]
     tgt_idx = _target_index(labels, train, cfg)
-    stages = ((splits["val"], "teacher_val", lambda n: splits["val"]),
-              (tgt_idx, "teacher_targets", lambda n: train[stratified_sample(labels[train], n, seed=cfg.seed)]))
+    if not cfg.target_seeds or len(set(cfg.target_seeds)) != len(cfg.target_seeds):
+        raise InputError(f"target_seeds must be distinct noise seeds, got {list(cfg.target_seeds)}")
+    legacy_tgt = lambda n: train[stratified_sample(labels[train], n, seed=cfg.seed)]  # noqa: E731
+    stages = [(splits["val"], "teacher_val", lambda n: splits["val"], ClassifierConfig())]
+    stages += [(tgt_idx, "teacher_targets" + (f"_seed{s}" if s else ""), legacy_tgt, ClassifierConfig(seed=s))
+               for s in cfg.target_seeds]
     if part is not None:
-        for idx, prefix, legacy in stages:
-            cached_teacher(teacher, crops, idx, run, prefix, legacy, part)
+        for idx, prefix, legacy, ccfg in stages:
+            cached_teacher(teacher, crops, idx, run, prefix, legacy, part, ccfg)
         return run
-    val, tgt = (cached_teacher(teacher, crops, idx, run, prefix, legacy) for idx, prefix, legacy in stages)
+    val, *runs = (cached_teacher(teacher, crops, idx, run, prefix, legacy, ccfg=ccfg)
+                  for idx, prefix, legacy, ccfg in stages)
+    # the mean over the teacher's runs estimates its judgement better than one run (validation, seeds 0 and 1:
+    # balanced accuracy 94.0% and 94.3% alone, 94.6% averaged)
+    tgt = {"errors": np.mean([r["errors"] for r in runs], axis=0)}
 
     search_path = run / "search.json"
     if search_path.exists():

@@ -110,6 +110,28 @@ def test_cached_teacher_stages_split_into_parts_are_reused_and_kept_in_cell_orde
         cached_teacher(teacher, crops, np.arange(18, 20), run, "teacher_val", lambda n: np.arange(18, 20))
 
 
+def test_teacher_runs_with_other_noise_seeds_are_stages_of_their_own(tmp_path):
+    """target_seeds: a second teacher run (noise seed 1) is cached under its own prefix; its files never leak into
+    the seed-0 stage that shares the prefix's start, and its errors differ (other noise), around the same cells."""
+    from export.diffusion_classifier import ClassifierConfig
+    from export.distill import cached_teacher
+
+    teacher = tiny_model(0)
+    crops = random_cells(6, seed=5).transpose(0, 2, 3, 1).copy()
+    idx = np.arange(6)
+    legacy = lambda n: idx[:n]  # noqa: E731
+    run = tmp_path
+    fast = dict(max_trials=4, min_trials=2, test_every=2)
+    r1 = cached_teacher(teacher, crops, idx, run, "teacher_targets_seed1", legacy, ccfg=ClassifierConfig(seed=1, **fast))
+    r0 = cached_teacher(teacher, crops, idx, run, "teacher_targets", legacy, ccfg=ClassifierConfig(**fast))
+    assert {f.name for f in run.glob("*.npz")} == {"teacher_targets_seed1.npz", "teacher_targets_seed1_c0n6.npz",
+                                                   "teacher_targets.npz", "teacher_targets_c0n6.npz"}
+    assert not np.allclose(r0["errors"], r1["errors"])
+    again = cached_teacher(teacher, crops, idx, run, "teacher_targets", legacy)  # nothing computed: seed 0's rows
+    np.testing.assert_array_equal(again["errors"], r0["errors"])
+    assert len(list(run.glob("*.npz"))) == 4
+
+
 def test_dihedral_gives_one_of_the_eight_symmetries_per_cell():
     from export.distill import dihedral
 
@@ -125,14 +147,15 @@ def test_dihedral_gives_one_of_the_eight_symmetries_per_cell():
     assert len(seen) >= 5  # random per cell, not one transform for the batch
 
 
-def test_distill_part_option_is_checked_by_the_cli():
+def test_distill_part_and_target_seeds_options_are_checked_by_the_cli():
     import subprocess
     import sys
 
-    for bad in ("2/2", "x/2", "1"):
-        res = subprocess.run([sys.executable, "-m", "edge.cli", "distill", "--part", bad], capture_output=True,
+    for opt, bad in (("--part", "2/2"), ("--part", "x/2"), ("--part", "1"), ("--target-seeds", "0,0"),
+                     ("--target-seeds", "0,x"), ("--target-seeds", "-1")):
+        res = subprocess.run([sys.executable, "-m", "edge.cli", "distill", opt, bad], capture_output=True,
                              text=True, timeout=60)
-        assert res.returncode == 2 and "--part" in res.stderr and "Traceback" not in res.stderr
+        assert res.returncode == 2 and opt in res.stderr and "Traceback" not in res.stderr
 
 
 def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_path):
@@ -181,6 +204,13 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=8), progress=False)  # 2 more steps, upside down
     info = json.loads((run / "distill.json").read_text())
     assert info["steps"] == 8 and info["view"] == 6 and json.loads((run / "view.json").read_text())["chosen_by"] == "train_view"
+    with pytest.raises(InputError, match="target_seeds"):
+        distill(dataclasses.replace(cfg, target_seeds=(1, 1)), progress=False)
+    seed0 = sorted(f.name for f in run.glob("teacher_targets*.npz"))
+    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=9, target_seeds=(0, 1)), progress=False)
+    assert {f.name for f in run.glob("teacher_targets*.npz")} - set(seed0) == {
+        "teacher_targets_seed1.npz", "teacher_targets_seed1_c0n16.npz"}  # the second run: all 16 cells, once
+    assert json.loads((run / "distill.json").read_text())["config"]["target_seeds"] == [0, 1]
 
 
 class _RowEngine:

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
     p.add_argument("--lr-decay-steps", type=int, help="anneal the lr (cosine, to 5%%) over the last N steps (default 0: constant)")
     p.add_argument("--target-cells", type=int, help="training cells with teacher targets (0 = all; default 1600)")
+    p.add_argument("--target-seeds", type=_seeds, metavar="S,S,...", help="noise seeds of the teacher runs whose "
+                   "class errors are averaged into each target (default 0: one run; e.g. 0,1 costs a second run)")
     p.add_argument("--part", type=_part, metavar="I/N", help="only compute slice I of N (0-based) of the missing "
                    "teacher stages (validation and targets), then stop: run N of these at once (one per core, --threads 1), then distill "
                    "without --part")
@@ -37,6 +39,18 @@ def _part(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= I < N")
     return i, n
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        seeds = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-seeds wants comma-separated integers, e.g. 0,1, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--target-seeds {text}: need distinct seeds >= 0")
+    return seeds
 
 
 def run(args) -> int:
