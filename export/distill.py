@@ -269,7 +269,9 @@ def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
 
 
 def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | None = None) -> Path:
-    """Run (or resume) all stages; returns the run folder with student.safetensors and distill.json.
+    """Run (or resume) all stages; returns the run folder with student.safetensors and distill.json (not written
+    when ``max_minutes`` stopped the fine-tuning first: run again to resume; the view is chosen for the finished
+    student, and chosen again when more steps change it).
     With ``part=(i, n)``: only compute slice i of n of the two teacher stages, validation and targets (see
     cached_teacher), and return."""
     from safetensors.torch import load_file, save_file
@@ -376,15 +378,18 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
             save(False)
     bar.close()
     save(True)
+    if state["step"] < cfg.steps:
+        return run  # stopped by max_minutes: the view and the report wait for the finished student
 
     student.eval().requires_grad_(False)
     view_path = run / "view.json"
     if cfg.train_view >= 0:
         view = {"view": cfg.train_view, "name": VIEWS[cfg.train_view], "chosen_by": "train_view"}
-    elif view_path.exists():
-        view = json.loads(view_path.read_text())
+    elif view_path.exists() and json.loads(view_path.read_text()).get("steps") == state["step"]:
+        view = json.loads(view_path.read_text())  # chosen for this very student
     else:
         view = search_view(engine, crops[splits["cal"]], labels[splits["cal"]], progress)
+    view["steps"] = state["step"]
     view_path.write_text(json.dumps(view, indent=2))
     engine.view = view["view"]
     val_e = engine_errors(engine, crops[splits["val"]])

@@ -194,14 +194,23 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     assert info["view"] == view["view"] and view["n_cells"] == 6 and len(view["table"]) == 8  # the cal split
     ck = _torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 3 / 4))))
+    assert view["steps"] == 6
+    # a run stopped by its time budget writes its checkpoint but neither a view nor a report; finished later,
+    # it chooses the view again, for the student it now has
+    (run / "distill.json").unlink()
+    distill(dataclasses.replace(cfg, steps=7, max_minutes=1e-9), progress=False)
+    assert not (run / "distill.json").exists() and json.loads((run / "view.json").read_text())["steps"] == 6
+    distill(dataclasses.replace(cfg, steps=7), progress=False)
+    assert json.loads((run / "view.json").read_text())["steps"] == 7 and json.loads((run / "distill.json").read_text())["steps"] == 7
+    cfg = dataclasses.replace(cfg, steps=7)
     unet, _ = load_student(teacher, run)
     w = {k: v.clone() for k, v in unet.state_dict().items()}
-    distill(cfg, progress=False)  # resumes at step 6 of 6: the student does not change
+    distill(cfg, progress=False)  # resumes at step 7 of 7: the student does not change
     unet2, _ = load_student(teacher, run)
     assert all(_torch.equal(w[k], v) for k, v in unet2.state_dict().items())
     with pytest.raises(InputError, match="augment"):
         distill(dataclasses.replace(cfg, train_view=6), progress=False)
-    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=8), progress=False)  # 2 more steps, upside down
+    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=8), progress=False)  # 1 more step, upside down
     info = json.loads((run / "distill.json").read_text())
     assert info["steps"] == 8 and info["view"] == 6 and json.loads((run / "view.json").read_text())["chosen_by"] == "train_view"
     with pytest.raises(InputError, match="target_seeds"):

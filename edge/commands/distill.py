@@ -54,13 +54,18 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
+    import json
+
     from edge.config import config_from_args
     from export.distill import DistillConfig, distill
 
     cfg = config_from_args(DistillConfig, args)
     out = distill(cfg, part=args.part)
-    if args.part is None:
-        print((out / "distill.json").read_text())
+    info = out / "distill.json"
+    if args.part is None and info.exists() and json.loads(info.read_text())["steps"] == cfg.steps:
+        print(info.read_text())
+    elif args.part is None:
+        print(f"stopped by --max-minutes before step {cfg.steps}; checkpoint in {out}: run the same command to resume")
     else:
         print(f"teacher stages, part {args.part[0]}/{args.part[1]}, saved in {out}")
     return 0
