@@ -77,7 +77,8 @@ def main() -> int:
     val = np.load(Path(args.run) / "splits.npz")["val"]
     sub = val[stratified_sample(labels[val], args.cells, seed=0)]
     cells = crops[sub].transpose(0, 3, 1, 2)
-    rows = [run_teacher(teacher, cells, labels[sub], classes, p, args.max_trials) for p in ((True,) if args.pruned_only else (True, False))]
+    settings = (True,) if args.pruned_only else (True, False)  # t-test pruning on / off
+    rows = [run_teacher(teacher, cells, labels[sub], classes, p, args.max_trials) for p in settings]
     out = {"teacher_steps": teacher.meta.get("steps"), "validation": rows}
     if args.bccd:
         bc, bl = bccd_cells(args.bccd, classes, teacher.cfg.crop_size)
