@@ -383,10 +383,11 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
 
     student.eval().requires_grad_(False)
     view_path = run / "view.json"
+    chosen = json.loads(view_path.read_text()) if view_path.exists() else {}
     if cfg.train_view >= 0:
         view = {"view": cfg.train_view, "name": VIEWS[cfg.train_view], "chosen_by": "train_view"}
-    elif view_path.exists() and json.loads(view_path.read_text()).get("steps") == state["step"]:
-        view = json.loads(view_path.read_text())  # chosen for this very student
+    elif chosen.get("steps") == state["step"]:
+        view = chosen  # chosen for this very student
     else:
         view = search_view(engine, crops[splits["cal"]], labels[splits["cal"]], progress)
     view["steps"] = state["step"]
