@@ -44,6 +44,8 @@ class TrainConfig:
     t_focus_frac: float = 0.0  # ... and the fraction of each batch whose t is drawn from it (rest: uniform)
     stain_jitter: float = 0.0  # per-cell stain (colour-deconvolution) jitter strength, e.g. 0.05; 0 = off
     blur_prob: float = 0.0  # fraction of cells blurred (Gaussian, sigma 0.3-1.2 px): other microscopes' focus
+    exclude_classes: tuple[str, ...] = ()  # leave these classes out (leave-one-class-out anomaly protocol)
+    init_from: str = ""  # a folder with teacher.safetensors + teacher.json (a bundle or a run) to start a new run from
 
 
 def load_cache(path: str | Path) -> dict[str, np.ndarray]:
@@ -53,6 +55,24 @@ def load_cache(path: str | Path) -> dict[str, np.ndarray]:
         raise InputError(f"{p}: crop cache not found (build it with `cytoedge train --data FOLDER`)")
     with np.load(p) as z:
         return {k: z[k] for k in z.files}
+
+
+def drop_classes(data: dict[str, np.ndarray], exclude: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The crop cache without the cells of ``exclude``; labels renumbered over the remaining classes (in order)."""
+    classes = [str(c) for c in data["classes"]]
+    unknown = sorted(set(exclude) - set(classes))
+    if unknown:
+        raise InputError(f"exclude_classes: {', '.join(unknown)} not in the cache's classes ({', '.join(classes)})")
+    if len(classes) - len(set(exclude)) < 2:
+        raise InputError("exclude_classes would leave fewer than 2 classes")
+    keep_cls = [i for i, c in enumerate(classes) if c not in exclude]
+    remap = np.full(len(classes), -1, np.int64)
+    remap[keep_cls] = np.arange(len(keep_cls))
+    keep = remap[data["labels"]] >= 0
+    out = {k: (v[keep] if k in ("crops", "labels", "found", "names") else v) for k, v in data.items()}
+    out["labels"] = remap[data["labels"][keep]]
+    out["classes"] = np.asarray([classes[i] for i in keep_cls])
+    return out
 
 
 def make_splits(labels: np.ndarray, cfg: TrainConfig) -> dict[str, np.ndarray]:
@@ -176,6 +196,20 @@ def save_teacher(run: Path, mcfg: ModelConfig, ae, unet, latent_scale: list[floa
     (run / "teacher.json").write_text(json.dumps({"model": mcfg.to_dict(), "latent_scale": latent_scale, **meta}, indent=2))
 
 
+def _init_from(folder: str, mcfg: ModelConfig, ae, unet, ema) -> dict:
+    """Start a new run from a saved teacher (fp16 EMA weights, e.g. a bundle's): its autoencoder, latent scale and
+    step count carry over, and its EMA weights seed both the trained and the EMA denoiser. The optimizer starts
+    fresh, so use it for a warm restart (a new lr cycle), where Adam's moments matter least."""
+    from export.teacher import load_teacher
+
+    t = load_teacher(folder)
+    if t.cfg != mcfg:
+        raise InputError(f"{folder}: its teacher has another architecture or class list than this run's config")
+    ae.load_state_dict(t.ae.state_dict()); unet.load_state_dict(t.unet.state_dict()); ema.load_state_dict(t.unet.state_dict())
+    return {"ae_step": 1, "step": int(t.meta["steps"]), "latent_scale": t.latent_scale.flatten().tolist(), "losses": [],
+            "init_from": str(folder)}
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) both stages; returns the run folder."""
     torch.set_num_threads(cfg.threads)
@@ -183,6 +217,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     data = load_cache(cfg.cache)
+    if cfg.exclude_classes:
+        data = drop_classes(data, tuple(cfg.exclude_classes))
     classes = tuple(str(c) for c in data["classes"])
     splits = make_splits(data["labels"], cfg)
     np.savez(run / "splits.npz", **splits, digest=data["digest"])
@@ -200,6 +236,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         ae.load_state_dict(c["ae"]); unet.load_state_dict(c["unet"]); ema.load_state_dict(c["ema"])
         opt.load_state_dict(c["opt"])
         state = c["state"]
+    elif cfg.init_from:
+        state = _init_from(cfg.init_from, mcfg, ae, unet, ema)
     batches = _Batches(data["crops"], data["labels"], splits["train"], cfg.batch, cfg.seed + state["ae_step"] + state["step"],
                        cfg.stain_jitter, cfg.blur_prob)
     t_start = time.time()

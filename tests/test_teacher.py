@@ -16,7 +16,7 @@ from export.diffusion_classifier import ClassifierConfig, classify_cell, spread_
 from export.models import ModelConfig, disc_mask  # noqa: E402
 from export.teacher import Teacher, load_teacher  # noqa: E402
 from export.models import to_unit  # noqa: E402
-from export.train import TrainConfig, lr_at, random_blur, sample_t, stain_jitter, train  # noqa: E402
+from export.train import TrainConfig, drop_classes, lr_at, random_blur, sample_t, stain_jitter, train  # noqa: E402
 from smear import Wbc, render_smear  # noqa: E402
 
 TINY = (8, 16)
@@ -62,6 +62,40 @@ def test_resume_continues_and_refuses_other_config(tiny_run):
     other = TrainConfig(**{**cfg.__dict__, "steps": 120, "unet_channels": (16, 16)})
     with pytest.raises(InputError, match="another config"):
         train(other, progress=False)
+
+
+def test_init_from_a_saved_teacher_starts_at_its_weights_and_step(tiny_run, tmp_path):
+    cfg, run = tiny_run
+    saved = load_teacher(run)
+    cont = TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "next"), "init_from": str(run),
+                          "steps": saved.meta["steps"] + 5, "lr": 1e-9})
+    train(cont, progress=False)
+    c = torch.load(tmp_path / "next" / "ckpt.pt", weights_only=False)
+    assert c["state"]["step"] == saved.meta["steps"] + 5 and c["state"]["init_from"] == str(run)
+    assert c["state"]["latent_scale"] == pytest.approx(saved.latent_scale.flatten().tolist())
+    # At lr ~0 five steps leave the (fp16-rounded) weights where they were; the autoencoder is the saved one.
+    for k, v in saved.unet.state_dict().items():
+        assert torch.allclose(c["unet"][k], v, atol=1e-5), k
+    assert torch.equal(c["ae"]["encoder.weight"], saved.ae.state_dict()["encoder.weight"])
+    narrow = TrainConfig(**{**cont.__dict__, "run_dir": str(tmp_path / "other"), "unet_channels": (16, 16)})
+    with pytest.raises(InputError, match="another architecture"):
+        train(narrow, progress=False)
+
+
+def test_exclude_classes_leaves_their_cells_out_and_renumbers(tiny_run, tmp_path):
+    labels = np.array([0, 1, 2, 1, 0, 2, 2])
+    data = {"crops": np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1), "labels": labels,
+            "classes": np.array(["a", "b", "c"]), "found": np.ones(7, bool),
+            "names": np.array([f"{'abc'[v]}/{i}.png" for i, v in enumerate(labels)]), "digest": np.array("d")}
+    kept = drop_classes(data, ("b",))
+    assert list(kept["classes"]) == ["a", "c"] and list(kept["labels"]) == [0, 1, 0, 1, 1]
+    assert list(kept["crops"].ravel()) == [0, 2, 4, 5, 6] and all(not n.startswith("b/") for n in kept["names"])
+    assert str(kept["digest"]) == "d"
+    with pytest.raises(InputError, match="not in the cache"):
+        drop_classes(data, ("blast",))
+    cfg, _ = tiny_run  # two classes: leaving one out would train a one-class model
+    with pytest.raises(InputError, match="fewer than 2"):
+        train(TrainConfig(**{**cfg.__dict__, "run_dir": str(tmp_path / "r"), "exclude_classes": ("lobed",)}), progress=False)
 
 
 def test_lr_is_constant_then_anneals_to_the_final_fraction():

@@ -24,6 +24,11 @@ def register(sub) -> None:
     p.add_argument("--lr-decay-steps", type=int, help="anneal lr (cosine, to 5%%) over the last N steps (default 0: constant)")
     p.add_argument("--stain-jitter", type=float, help="per-cell stain, saturation and white-balance jitter strength, "
                    "for other labs' staining and microscopes (e.g. 0.05; default 0: off)")
+    p.add_argument("--exclude-classes", type=lambda v: tuple(c for c in v.split(",") if c), metavar="A,B",
+                   help="leave these classes out of training, e.g. erythroblast for the leave-one-class-out anomaly check")
+    p.add_argument("--init-from", metavar="DIR", help="start a new run from the teacher in DIR (a bundle or run folder: "
+                   "teacher.safetensors + teacher.json), e.g. for another lr cycle when only the shipped weights are at hand; "
+                   "ignored when the run folder already has a checkpoint")
     p.add_argument("--blur-prob", type=float, help="fraction of training cells blurred by 0.3-1.2 px (default 0)")
     p.epilog = ("The classifier's timestep range can get a larger share of training with t_focus = [100, 500] and "
                 "t_focus_frac = 0.5 in the --config TOML.")
