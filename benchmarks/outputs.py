@@ -6,7 +6,9 @@ split, and the anomaly protocols.
 - ``loco_<class>``: leave-one-class-out. A teacher trained WITHOUT that class (``--loco-teacher``, made by
   ``cytoedge train`` on a cache with the class removed) is turned into a fixed-timestep engine with the
   bundle's timesteps, noise seed and view; its normal validation and calibration cells, and the held-out class's
-  cells, are scored by it.
+  cells, are scored by it;
+- ``loco_<class>_full`` (with ``--loco-full``): the same cells scored by that teacher's full diffusion classification
+  (export.diffusion_classifier, pruned; anomaly = -zeta), to tell what the 16 fixed evaluations cost against it.
 
     python benchmarks/outputs.py --bundle edge/models/default --bccd ../shared/data/bccd \
         --loco-teacher runs/teacher_no_erythroblast --loco-class erythroblast --out benchmarks/out/outputs.npz
@@ -37,6 +39,8 @@ def main() -> int:
     ap.add_argument("--loco-teacher", help="teacher folder trained without --loco-class")
     ap.add_argument("--loco-class", default="erythroblast")
     ap.add_argument("--loco-cells", type=int, default=400, help="cells per LOCO set (stratified)")
+    ap.add_argument("--loco-full", action="store_true", help="also score the LOCO cells with the LOCO teacher's full "
+                    "diffusion classification (about 130 evaluations per cell: minutes)")
     ap.add_argument("--out", default="benchmarks/out/outputs.npz")
     args = ap.parse_args()
 
@@ -93,6 +97,12 @@ def main() -> int:
                 idx = idx[stratified_sample(np.array([remap[l] for l in labels[idx]]), args.loco_cells, seed=0)]
             o = score(idx)
             res[f"{p}{suffix}_anomaly"], res[f"{p}{suffix}_errors"] = o["anomaly"], o["errors"]
+            if args.loco_full:
+                from export.diffusion_classifier import classify_cells
+
+                full = classify_cells(t, crops[idx].transpose(0, 3, 1, 2).copy(), progress=True)
+                res[f"{p}_full{suffix}_errors"] = np.stack([r.errors for r in full])
+                res[f"{p}_full{suffix}_anomaly"] = -np.array([r.zeta for r in full])
             if not suffix:
                 res[f"{p}_logits"] = o["logits"]
             else:
