@@ -71,6 +71,7 @@ def main() -> int:
     if args.loco_teacher:
         import torch
 
+        from export.diffusion_classifier import classify_cells
         from export.engine import VIEWS, build_engine
         from export.teacher import load_teacher
 
@@ -98,8 +99,6 @@ def main() -> int:
             o = score(idx)
             res[f"{p}{suffix}_anomaly"], res[f"{p}{suffix}_errors"] = o["anomaly"], o["errors"]
             if args.loco_full:
-                from export.diffusion_classifier import classify_cells
-
                 full = classify_cells(t, crops[idx].transpose(0, 3, 1, 2).copy(), progress=True)
                 res[f"{p}_full{suffix}_errors"] = np.stack([r.errors for r in full])
                 res[f"{p}_full{suffix}_anomaly"] = -np.array([r.zeta for r in full])
