@@ -85,8 +85,8 @@ def main() -> int:
         normal_idx = np.flatnonzero(labels != held)  # the LOCO cache's indices map to these
 
         @torch.no_grad()
-        def score(idx: np.ndarray) -> dict[str, np.ndarray]:
-            x = torch.from_numpy(crops[idx].transpose(0, 3, 1, 2).copy())
+        def score(cells: np.ndarray) -> dict[str, np.ndarray]:
+            x = torch.from_numpy(cells)
             outs = [eng(x[i:i + 64]) for i in range(0, len(x), 64)]
             return {k: torch.cat([o[j] for o in outs]).numpy() for j, k in enumerate(("logits", "errors", "anomaly"))}
 
@@ -96,10 +96,11 @@ def main() -> int:
         for suffix, idx in (("", ho), ("_normal", normal_idx[loco_sp["val"]]), ("_cal", normal_idx[loco_sp["cal"]])):
             if suffix:
                 idx = idx[stratified_sample(np.array([remap[l] for l in labels[idx]]), args.loco_cells, seed=0)]
-            o = score(idx)
+            cells = crops[idx].transpose(0, 3, 1, 2).copy()  # uint8 [n, 3, S, S]
+            o = score(cells)
             res[f"{p}{suffix}_anomaly"], res[f"{p}{suffix}_errors"] = o["anomaly"], o["errors"]
             if args.loco_full:
-                full = classify_cells(t, crops[idx].transpose(0, 3, 1, 2).copy(), progress=True)
+                full = classify_cells(t, cells, progress=True)
                 res[f"{p}_full{suffix}_errors"] = np.stack([r.errors for r in full])
                 res[f"{p}_full{suffix}_anomaly"] = -np.array([r.zeta for r in full])
             if not suffix:

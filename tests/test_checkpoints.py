@@ -3,7 +3,6 @@ teacher A trained on and E is D trained on (same autoencoder, more steps), and D
 training and validation cell, so that distillation from it skips the teacher's 20 core-minutes."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge.bundle import default_bundle_dir  # noqa: E402
+from edge.bundle import default_bundle_dir, file_sha256  # noqa: E402
 from export.distill import cached_teacher  # noqa: E402
 from export.teacher import load_teacher  # noqa: E402
 
@@ -27,8 +26,8 @@ def test_manifest_lists_every_file_with_its_hash(name):
     on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
     assert set(man["files"]) == on_disk
     for fname, meta in man["files"].items():
-        data = (folder / fname).read_bytes()
-        assert len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"], fname
+        path = folder / fname
+        assert path.stat().st_size == meta["bytes"] and file_sha256(path) == meta["sha256"], fname
 
 
 @pytest.mark.parametrize("child, parent, steps", [("teacherD", None, 54000), ("teacherE", "teacherD", 64000)])
