@@ -99,6 +99,32 @@ def _target_index(labels: np.ndarray, train: np.ndarray, cfg: DistillConfig) -> 
     return train[stratified_sample(labels[train], cfg.target_cells, seed=cfg.seed)]
 
 
+STAGE_KEYS = ("errors", "label", "evals", "zeta")  # what a cached teacher stage holds per cell
+
+
+def cached_rows(run: Path, prefix: str, legacy_index) -> tuple[dict[int, dict], np.ndarray | None]:
+    """What ``run`` already holds of the teacher stage ``prefix``: ({crop-cache index: {errors, label, evals,
+    zeta}}, the index array of ``<prefix>.npz`` or None). Files as cached_teacher describes them."""
+    have: dict[int, dict] = {}
+    whole, whole_index = run / f"{prefix}.npz", None
+    mine_re = re.compile(re.escape(prefix) + r"(_c\d+n\d+)?\.npz")
+    for f in sorted(run.glob(f"{prefix}*.npz")):
+        if not mine_re.fullmatch(f.name):
+            continue  # another stage's file (e.g. teacher_val_seed1.npz)
+        with np.load(f) as z:
+            index = z["index"] if "index" in z.files else None
+            if f == whole and index is not None:
+                whole_index = index
+            r = {k: z[k] for k in STAGE_KEYS}
+        index = legacy_index(len(r["label"])) if index is None else index
+        if len(index) != len(r["label"]):
+            raise InputError(f"{f}: {len(r['label'])} rows, but it stands for {len(index)} cells; "
+                             "move it away to recompute that stage")
+        for j, c in enumerate(index):
+            have[int(c)] = {k: r[k][j] for k in STAGE_KEYS}
+    return have, whole_index
+
+
 def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Path, prefix: str,
                    legacy_index, part: tuple[int, int] | None = None,
                    ccfg: ClassifierConfig = ClassifierConfig()) -> dict[str, np.ndarray] | None:
@@ -112,24 +138,8 @@ def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Pa
     same partition whether the parts run at once or in turn), into a file named by its first cell and size, and
     None is returned: run the n parts in n processes, then the whole stage picks them up. Otherwise the merged
     result is also written to ``<prefix>.npz`` (with ``index``) for tools that read it whole."""
-    keys = ("errors", "label", "evals", "zeta")
-    have: dict[int, dict] = {}
-    whole, whole_index = run / f"{prefix}.npz", None
-    mine_re = re.compile(re.escape(prefix) + r"(_c\d+n\d+)?\.npz")
-    for f in sorted(run.glob(f"{prefix}*.npz")):
-        if not mine_re.fullmatch(f.name):
-            continue  # another stage's file (e.g. teacher_val_seed1.npz)
-        with np.load(f) as z:
-            index = z["index"] if "index" in z.files else None
-            if f == whole and index is not None:
-                whole_index = index
-            r = {k: z[k] for k in keys}
-        index = legacy_index(len(r["label"])) if index is None else index
-        if len(index) != len(r["label"]):
-            raise InputError(f"{f}: {len(r['label'])} rows, but it stands for {len(index)} cells; "
-                             "move it away to recompute that stage")
-        for j, c in enumerate(index):
-            have[int(c)] = {k: r[k][j] for k in keys}
+    keys = STAGE_KEYS
+    have, whole_index = cached_rows(run, prefix, legacy_index)
     if part is not None:
         i, n = part
         mine = np.setdiff1d(np.array_split(idx, n)[i], list(have)).astype(np.int64)
@@ -145,7 +155,7 @@ def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Pa
             have[int(c)] = {k: r[k][j] for k in keys}
     out = {k: np.stack([have[int(c)][k] for c in idx]) for k in keys}
     if whole_index is None or not np.array_equal(whole_index, idx):
-        np.savez(whole, **out, index=np.asarray(idx, np.int64))
+        np.savez(run / f"{prefix}.npz", **out, index=np.asarray(idx, np.int64))
     return out
 
 

@@ -1,6 +1,7 @@
 """The teacher checkpoints kept in git (export/checkpoints/teacherD, teacherE): their manifests' hashes hold, D is
-teacher A trained on and E is D trained on (same autoencoder, more steps), and D's cached teacher stages cover every
-training and validation cell, so that distillation from it skips the teacher's 20 core-minutes."""
+teacher A trained on and E is D trained on (same autoencoder, more steps), the cached teacher stages of each cover every
+training and validation cell, so that distillation from it skips the teacher's 20 core-minutes, and
+`cytoedge export checkpoint` rebuilds D's folder, files and figures, from its teacher and a run folder of parts."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edge.bundle import default_bundle_dir, file_sha256  # noqa: E402
+from edge.cli import main  # noqa: E402
+from export.datasets import file_digest, load_labelled_folder  # noqa: E402
 from export.distill import cached_teacher  # noqa: E402
 from export.teacher import load_teacher  # noqa: E402
 
@@ -41,10 +44,12 @@ def test_it_is_its_parent_trained_on(child, parent, steps):
     assert diff > 1e-3  # 10,000 or more further steps moved the denoiser
 
 
-def test_cached_stages_cover_the_split_without_running_the_teacher(tmp_path):
-    for name in ("teacher_targets.npz", "teacher_val.npz"):  # a run folder of its own: the cache may write there
-        (tmp_path / name).write_bytes((CKPT / name).read_bytes())
-    with np.load(CKPT / "splits.npz") as z:
+@pytest.mark.parametrize("name", ["teacherD", "teacherE"])
+def test_cached_stages_cover_the_split_without_running_the_teacher(tmp_path, name):
+    ckpt = ROOT / name
+    for fname in ("teacher_targets.npz", "teacher_val.npz"):  # a run folder of its own: the cache may write there
+        (tmp_path / fname).write_bytes((ckpt / fname).read_bytes())
+    with np.load(ckpt / "splits.npz") as z:
         train, val = np.sort(z["train"]), z["val"]
     never = lambda n: pytest.fail("a cached stage fell back to the legacy index")  # noqa: E731
     # teacher=None, crops=None: computing any missing cell would fail, so this passes only from the cache
@@ -52,4 +57,61 @@ def test_cached_stages_cover_the_split_without_running_the_teacher(tmp_path):
     v = cached_teacher(None, None, val, tmp_path, "teacher_val", never)
     assert tgt["errors"].shape == (len(train), 8) and v["errors"].shape == (len(val), 8)
     assert np.isfinite(tgt["errors"]).all() and (tgt["label"] == tgt["errors"].argmin(1)).mean() > 0.99
-    assert 100 < v["evals"].mean() < 130  # the pruned teacher's cost per cell (110.5 measured)
+    assert 100 < v["evals"].mean() < 130  # the pruned teacher's cost per cell (D 110.5, E 109.5 measured)
+
+
+def _label_cache(pbc_dir: Path, path: Path) -> Path:
+    """The crop cache's labels, classes and digest (no crops: the writer reads no pixels), from the PBC listing."""
+    folder = load_labelled_folder(pbc_dir)
+    np.savez(path, crops=np.zeros((len(folder.labels), 1, 1, 3), np.uint8), labels=folder.labels,
+             classes=np.asarray(folder.classes), digest=np.asarray(file_digest(folder.paths)))
+    return path
+
+
+def _split_into_parts(stage: Path, run: Path, prefix: str, n: int = 2) -> None:
+    """Write a whole cached stage as the n part files `cytoedge distill --part I/N` leaves behind."""
+    with np.load(stage) as z:
+        rows = {k: z[k] for k in z.files}
+    for part in np.array_split(np.arange(len(rows["index"])), n):
+        np.savez(run / f"{prefix}_c{rows['index'][part[0]]}n{len(part)}.npz", **{k: v[part] for k, v in rows.items()})
+
+
+def test_export_checkpoint_rebuilds_teacher_d_from_its_parts(tmp_path, pbc_dir, capsys):
+    cache = _label_cache(pbc_dir, tmp_path / "labels.npz")
+    teacher, run, out = tmp_path / "teacher", tmp_path / "run", tmp_path / "teacherD"
+    teacher.mkdir(), run.mkdir()
+    for name in ("teacher.safetensors", "teacher.json", "splits.npz"):
+        (teacher / name).write_bytes((CKPT / name).read_bytes())
+    for prefix in ("teacher_val", "teacher_targets"):
+        _split_into_parts(CKPT / f"{prefix}.npz", run, prefix)
+    want = json.loads((CKPT / "manifest.json").read_text())
+    argv = ["export", "checkpoint", "--teacher", str(teacher), "--run-dir", str(run), "--cache", str(cache),
+            "--what", want["what"], "--out", str(out)] + [a for c in want["made_by"] for a in ("--made-by", c)]
+    assert main(argv) == 0 and capsys.readouterr().out.strip() == str(out)
+    got = json.loads((out / "manifest.json").read_text())
+    assert got["made_by"] == want["made_by"] and got["steps"] == 54000 and got["cache_digest"] == want["cache_digest"]
+    for k in ("val_accuracy", "val_balanced_accuracy", "val_evals_mean", "val_evals_p90", "train_accuracy",
+              "val_cells", "train_cells"):
+        assert got["metrics"][k] == want["metrics"][k], k
+    assert set(got["files"]) == set(want["files"])
+    for name in ("teacher.safetensors", "teacher.json", "splits.npz"):
+        assert got["files"][name] == want["files"][name], name
+    for name in ("teacher_val.npz", "teacher_targets.npz"):  # same rows, in the same order
+        with np.load(out / name) as a, np.load(CKPT / name) as b:
+            for k in ("index", "errors", "label", "evals"):
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err  # never overwrites
+
+
+def test_export_checkpoint_refuses_a_stage_with_cells_missing(tmp_path, pbc_dir, capsys):
+    cache = _label_cache(pbc_dir, tmp_path / "labels.npz")
+    run = tmp_path / "run"
+    run.mkdir()
+    _split_into_parts(CKPT / "teacher_val.npz", run, "teacher_val", n=3)
+    next(run.glob("teacher_val_c*.npz")).unlink()  # one part of three never finished
+    argv = ["export", "checkpoint", "--teacher", str(CKPT), "--run-dir", str(run), "--cache", str(cache),
+            "--what", "x", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "teacher_val has" in err and f"of {1367} cells" in err and "--part" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

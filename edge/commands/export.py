@@ -1,5 +1,6 @@
-"""``cytoedge export onnx|int8|bundle|tensorrt``: build the engine's ONNX graphs, quantize them, write a model
-bundle, build TensorRT plans into a bundle (``tensorrt`` runs on the GPU box and needs no torch).
+"""``cytoedge export onnx|int8|bundle|tensorrt|checkpoint``: build the engine's ONNX graphs, quantize them, write a
+model bundle, build TensorRT plans into a bundle (``tensorrt`` runs on the GPU box and needs no torch), keep a
+teacher with its cached classifications as a checkpoint folder (``checkpoint``, export.checkpoint).
 
 Needs the 'export' extra (torch is imported inside ``run``). One process config, ExportConfig (TOML via
 --config, CLI options override it). Progress goes to stderr; the result (a path) to stdout.
@@ -130,6 +131,34 @@ def _add_tensorrt(sub) -> None:
                    "version under ~/.cache/cytoedge/tensorrt)")
 
 
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="keep a teacher and its cached full classifications as a checkpoint folder",
+                       description="Copy a trained teacher (teacher.safetensors, teacher.json, splits.npz) and the "
+                       "teacher stages a distill run folder has cached (teacher_val: required, every validation cell; "
+                       "teacher_targets: kept when every training cell is there) into a new folder with a manifest "
+                       "(sha256 and size of each file, the commands that made it, validation accuracy, balanced "
+                       "accuracy and evaluations per cell measured from the stages). Distilling from that folder "
+                       "skips the teacher stages once its npz files are copied into the run folder.")
+    p.add_argument("--teacher", required=True, metavar="DIR", help="teacher folder (cytoedge train's --run-dir)")
+    p.add_argument("--run-dir", required=True, metavar="DIR", help="distill run folder holding the cached teacher stages")
+    p.add_argument("--cache", default="runs/cache/pbc64.npz", help="crop cache the splits index (default runs/cache/pbc64.npz)")
+    p.add_argument("--what", required=True, help="one sentence for the manifest: what this teacher is")
+    p.add_argument("--made-by", action="append", default=[], metavar="COMMAND",
+                   help="a command that made it, for the manifest (repeat, in order)")
+    p.add_argument("--use", default="", help="how to use it, for the manifest")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create (must not exist)")
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    from export.checkpoint import write_checkpoint
+
+    man = write_checkpoint(args.teacher, args.run_dir, args.out, what=args.what, made_by=args.made_by,
+                           cache=args.cache, use=args.use)
+    _say(", ".join(f"{k} {v}" for k, v in man["metrics"].items()))
+    print(args.out)
+    return 0
+
+
 def run_tensorrt(args: argparse.Namespace) -> int:
     from export.tensorrt_build import BuildConfig, export_tensorrt
 
@@ -147,7 +176,8 @@ def run_tensorrt(args: argparse.Namespace) -> int:
     return 0
 
 
-ACTIONS = {"onnx": _add_onnx, "int8": _add_int8, "bundle": _add_bundle, "tensorrt": _add_tensorrt}
+ACTIONS = {"onnx": _add_onnx, "int8": _add_int8, "bundle": _add_bundle, "tensorrt": _add_tensorrt,
+           "checkpoint": _add_checkpoint}
 
 
 def register(subparsers) -> None:
@@ -283,6 +313,8 @@ def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[
 def run(args: argparse.Namespace) -> int:
     if args.action == "tensorrt":  # runs on the GPU box: no torch
         return run_tensorrt(args)
+    if args.action == "checkpoint":
+        return run_checkpoint(args)
     from export.models import set_threads  # the torch side lives in export/, never in edge/
 
     cfg = make_export_config(args)
