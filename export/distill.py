@@ -138,7 +138,6 @@ def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Pa
     same partition whether the parts run at once or in turn), into a file named by its first cell and size, and
     None is returned: run the n parts in n processes, then the whole stage picks them up. Otherwise the merged
     result is also written to ``<prefix>.npz`` (with ``index``) for tools that read it whole."""
-    keys = STAGE_KEYS
     have, whole_index = cached_rows(run, prefix, legacy_index)
     if part is not None:
         i, n = part
@@ -152,8 +151,8 @@ def cached_teacher(teacher: Teacher, crops: np.ndarray, idx: np.ndarray, run: Pa
         r = _teacher_results(teacher, crops[missing], run / f"{prefix}_c{missing[0]}n{len(missing)}.npz",
                              prefix, ccfg, extra={"index": missing})
         for j, c in enumerate(missing):
-            have[int(c)] = {k: r[k][j] for k in keys}
-    out = {k: np.stack([have[int(c)][k] for c in idx]) for k in keys}
+            have[int(c)] = {k: r[k][j] for k in STAGE_KEYS}
+    out = {k: np.stack([have[int(c)][k] for c in idx]) for k in STAGE_KEYS}
     if whole_index is None or not np.array_equal(whole_index, idx):
         np.savez(run / f"{prefix}.npz", **out, index=np.asarray(idx, np.int64))
     return out
