@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.accuracy import accuracy_report
-from edge.bundle import MANIFEST, file_sha256
+from edge.bundle import MANIFEST, file_sha256, staged_folder
 from edge.errors import InputError
 from export.distill import STAGE_KEYS, cached_rows
 
@@ -78,10 +78,8 @@ def write_checkpoint(teacher_dir: str | Path, run_dir: str | Path, out_dir: str 
               "teacher_targets.npz": ("train", merged_stage(run, "teacher_targets", np.sort(splits["train"])))}
     if stages["teacher_val.npz"][1] is None:
         raise InputError(f"{run}: no teacher_val stage (cytoedge distill --teacher-dir {src} --run-dir {run})")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with staged_folder(out) as partial:
+        partial.mkdir(parents=True)
         for name in TEACHER_FILES:
             shutil.copy2(src / name, partial / name)
         metrics = {}
@@ -93,8 +91,4 @@ def write_checkpoint(teacher_dir: str | Path, run_dir: str | Path, out_dir: str 
         manifest = {"what": what, "made_by": list(made_by), "steps": teacher.meta.get("steps"),
                     "cache_digest": str(data.get("digest", "")), "metrics": metrics, "use": use, "files": files}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return manifest

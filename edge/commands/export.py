@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         print(out)
         return 0
 
-    from edge.bundle import update_bundle_file
+    from edge.bundle import staged_folder, update_bundle_file
     from export.bundle import build_bundle, set_manifest_fields
 
     if out.exists():
@@ -364,9 +363,7 @@ def run(args: argparse.Namespace) -> int:
     teacher_files = None
     if cfg.ship_teacher:
         teacher_files = {n: Path(cfg.teacher) / n for n in ("teacher.safetensors", "teacher.json")}
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with staged_folder(out) as partial:
         build_bundle(partial, teacher, unet, timesteps=ts, noise_seed=seed, view=view, weights=list(cfg.weights) or None,
                      calib_cells=cells, logit_scale=scale, precisions=cfg.precisions,
                      default_precision="fp32" if cfg.default_precision == "auto" else cfg.default_precision,
@@ -383,9 +380,5 @@ def run(args: argparse.Namespace) -> int:
             m = cal["metrics"]
             _say(f"calibrated on {cal['n_cells']} cal-split cells: accuracy {100 * m['accuracy']:.1f}%, temperature "
                  f"{cal['temperature']:.3f}, coverage {100 * m['coverage']:.1f}%")
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     print(out)
     return 0
