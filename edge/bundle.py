@@ -213,10 +213,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """Build a folder at ``out`` all or nothing: yields ``<out>.partial`` (an old one removed, not
-    created: the caller makes it) to fill, renamed to
-    ``out`` when the block ends cleanly and removed when it raises, so a stopped export never leaves a
-    half-written bundle or checkpoint where a loader would find it."""
+    """Build a folder at ``out`` all or nothing: yields ``<out>.partial`` (an old one removed, not created: the
+    caller makes it) to fill, renamed to ``out`` when the block ends cleanly and removed when it raises, so a
+    stopped export never leaves a half-written bundle or checkpoint where a loader would find it."""
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
