@@ -16,7 +16,13 @@ variant's ECE and balanced accuracy alongside), coverage and error among accepte
 protocol the AUROC of every candidate anomaly score and its detection rate at the false-alarm threshold.
 Writes uncertainty.json and PNGs (reliability, risk-coverage, anomaly histograms) into --out.
 
-    python benchmarks/uncertainty.py OUTPUTS.npz --out reports/uncertainty [--delta 0.1] [--false-alarm 0.02]
+With --crossfit K the calibration may use the test split's cells too, as a bundle calibrated on cal + val
+(`cytoedge calibrate --split cal,val`) does, and is still judged on held-out cells: the test split is cut into
+K stratified folds; each fold is judged by a calibration fitted on the cal split plus the other K - 1 folds, and
+the verdicts of all folds are pooled (ECE, coverage and error among accepted, the full decision). The anomaly
+protocols keep the cal split alone.
+
+    python benchmarks/uncertainty.py OUTPUTS.npz --out reports/uncertainty [--delta 0.1] [--false-alarm 0.02] [--crossfit 2]
 """
 from __future__ import annotations
 
@@ -65,6 +71,56 @@ def selective(cal_conf, cal_correct, test_conf, test_correct, alpha: float, delt
             "test_risk": float((~test_correct[acc]).mean()) if acc.any() else 0.0}
 
 
+def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number int64 [N] in 0..k-1 of each cell: every class dealt round the folds in a seeded random order."""
+    rng, fold = np.random.default_rng(seed), np.zeros(len(labels), np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = (np.arange(len(members)) + rng.integers(k)) % k
+    return fold
+
+
+def crossfit(d, classes: list[str], k: int, delta: float, false_alarm: float, anomaly_score: str,
+             class_bias: bool, seed: int = 0) -> dict:
+    """Judge every test cell by a calibration fitted on the cal split plus the test folds it is not in (K
+    stratified folds, seeded); pooled figures over the test split. See the module docstring."""
+    yc, yt = d["cal_labels"].astype(np.int64), d["test_labels"].astype(np.int64)
+    fold = stratified_folds(yt, k, seed)
+    probs = np.zeros(d["test_logits"].shape)
+    accept = {a: np.zeros(len(yt), bool) for a in ALPHAS}
+    states = np.empty(len(yt), object)
+    folds = []
+    for f in range(k):
+        held = fold == f
+        fit = {key: np.concatenate([d[f"cal_{key}"], d[f"test_{key}"][~held]]) for key in ("logits", "errors", "anomaly")}
+        y_fit = np.concatenate([yc, yt[~held]])
+        calibration = fit_calibration(fit["logits"], fit["errors"], fit["anomaly"], y_fit, classes, delta=delta,
+                                      false_alarm=false_alarm, anomaly_score=anomaly_score, class_bias=class_bias)
+        probs[held] = calibrated_probs(d["test_logits"][held], calibration)
+        pf = calibrated_probs(fit["logits"], calibration)
+        for a in ALPHAS:
+            try:
+                thr = ltt_threshold(pf.max(1), pf.argmax(1) == y_fit, a, delta).threshold
+            except CalibrationError:
+                thr = np.inf
+            accept[a][held] = probs[held].max(1) >= thr
+        states[held] = [c.state for c in decide({key: d[f"test_{key}"][held] for key in ("logits", "errors", "anomaly")},
+                                                classes, calibration)]
+        folds.append({"n_fit": len(y_fit), "n_test": int(held.sum()), "temperature": calibration["temperature"],
+                      "review_threshold": calibration["review_threshold"],
+                      "anomaly_threshold": calibration["anomaly_threshold"]})
+    ok = probs.argmax(1) == yt
+    risk = lambda m: float((~ok[m]).mean()) if m.any() else 0.0  # noqa: E731
+    acc = states == "accepted"
+    return {"folds": folds, "seed": seed, "test_accuracy": float(ok.mean()),
+            "test_balanced_accuracy": accuracy_report(yt, probs.argmax(1), classes)["balanced_accuracy"],
+            "test_ece_after": expected_calibration_error(probs, yt), "test_aurc": aurc(probs.max(1), ok),
+            "selective": [{"alpha": a, "test_coverage": float(m.mean()), "test_n_accepted": int(m.sum()),
+                           "test_risk": risk(m)} for a, m in accept.items()],
+            "test_states": {s: float((states == s).mean()) for s in ("accepted", "review", "abnormal")},
+            "test_error_among_accepted": risk(acc)}
+
+
 def anomaly_protocol(name: str, p: dict, d, false_alarm: float, calibration: dict | None, classes, out: Path) -> dict:
     """AUROC and detection rate at the false-alarm threshold of every score available for protocol ``name``."""
     normal_a = p.get("normal_anomaly", d["test_anomaly"])
@@ -104,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     "adds the agreement of the engine's raw and calibrated labels with the teacher")
     ap.add_argument("--anomaly-score", default="engine", choices=ANOMALY_SCORES,
                     help="anomaly score of the full calibration (alpha 1%%) applied to the test split (default engine)")
+    ap.add_argument("--crossfit", type=int, default=0, metavar="K",
+                    help="also judge the test split by K-fold cross-fitting, each fold calibrated on the cal split plus "
+                    "the other folds (as a bundle calibrated on cal + val); 0 = off (default)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             "test_error_among_accepted": float((~ok[acc]).mean()) if acc.any() else 0.0}
     except CalibrationError as exc:
         calibration, report["shipped_calibration"] = None, {"refused": str(exc)}
+    if args.crossfit:
+        if args.crossfit < 2:
+            raise SystemExit(f"--crossfit needs at least 2 folds, got {args.crossfit}")
+        try:
+            report["crossfit"] = crossfit(d, classes, args.crossfit, args.delta, args.false_alarm, args.anomaly_score,
+                                          args.class_bias)
+        except CalibrationError as exc:
+            report["crossfit"] = {"refused": str(exc)}
     report["anomaly"] = {name: anomaly_protocol(name, p, d, args.false_alarm, calibration, classes, out)
                          for name, p in protocols(d).items()}
     (out / "uncertainty.json").write_text(json.dumps(report, indent=2, allow_nan=False))
@@ -181,6 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfull calibration (alpha 1%, {args.anomaly_score}): " + (sc["refused"] if "refused" in sc else
           ", ".join(f"{k} {100 * v:.1f}%" for k, v in sc["test_states"].items()) +
           f"; error among accepted {100 * sc['test_error_among_accepted']:.2f}%"))
+    cf = report.get("crossfit")
+    if cf and "refused" in cf:
+        print(f"\ncross-fitted: refused: {cf['refused']}")
+    elif cf:
+        print(f"\ncross-fitted, {args.crossfit} folds (each test fold calibrated on "
+              f"{', '.join(str(f['n_fit']) for f in cf['folds'])} cal + other-fold cells): accuracy "
+              f"{100 * cf['test_accuracy']:.2f}%, ECE {100 * cf['test_ece_after']:.2f}%, AURC {100 * cf['test_aurc']:.3f}%")
+        print("  " + "; ".join(f"alpha {100 * s['alpha']:g}%: coverage {100 * s['test_coverage']:.2f}%, "
+                               f"error {100 * s['test_risk']:.2f}%" for s in cf["selective"]))
+        print("  full calibration: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in cf["test_states"].items()) +
+              f"; error among accepted {100 * cf['test_error_among_accepted']:.2f}%")
     for name, r in report["anomaly"].items():
         print(f"\nanomaly protocol {name}: {r['n_abnormal']} abnormal vs {r['n_normal']} normal cells")
         print(f"  {'score':>13} {'AUROC':>7} {'detected':>9} {'false alarm':>12}   (threshold at {100 * args.false_alarm:g}% on cal)")

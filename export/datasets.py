@@ -57,6 +57,41 @@ def load_labelled_folder(root: str | Path, classes: list[str] | None = None, min
     return LabelledFolder(paths=paths, labels=np.asarray(labels, np.int64), classes=list(classes))
 
 
+HELD_OUT_SPLITS = ("cal", "val")  # splits no training or distillation saw: the ones calibration may use
+
+
+def held_out_index(splits: dict, names: list[str] | tuple[str, ...]) -> np.ndarray:
+    """The concatenated indices int64 [M] of the named held-out splits of a splits file's arrays (``splits``:
+    name -> int64 indices). Raises InputError for a name the file lacks or one the model was trained on."""
+    if not names:
+        raise InputError("name at least one split to calibrate on (e.g. cal or cal,val)")
+    bad = [n for n in names if n not in HELD_OUT_SPLITS]
+    if bad:
+        raise InputError(f"cannot calibrate on split(s) {', '.join(bad)}: only the held-out splits "
+                         f"{', '.join(HELD_OUT_SPLITS)} (the model was fitted on the others)")
+    missing = [n for n in names if n not in splits]
+    if missing:
+        raise InputError(f"the splits file has no {', '.join(missing)} split (it has {', '.join(sorted(splits))})")
+    return np.concatenate([np.asarray(splits[n], np.int64) for n in names])
+
+
+def select_splits(folder: LabelledFolder, splits_path: str | Path, names: list[str] | tuple[str, ...]) -> LabelledFolder:
+    """The cells of ``folder`` in the named held-out splits of ``splits_path`` (a teacher's splits.npz: indices into
+    the folder's image list, with the listing's ``digest``). Raises InputError when the file is missing, was made
+    for another listing of images (digest mismatch) or names a split that is absent or not held out."""
+    splits_path = Path(splits_path)
+    if not splits_path.is_file():
+        raise InputError(f"{splits_path}: splits file not found")
+    with np.load(splits_path, allow_pickle=False) as z:
+        splits = {k: z[k] for k in z.files}
+    digest = str(splits.pop("digest", ""))
+    if digest != file_digest(folder.paths):
+        raise InputError(f"{splits_path}: made for another set of images (digest {digest[:12] or 'missing'}, this "
+                         f"folder's {file_digest(folder.paths)[:12]}); give the folder the splits were drawn from")
+    idx = held_out_index(splits, names)
+    return LabelledFolder(paths=[folder.paths[i] for i in idx], labels=folder.labels[idx], classes=folder.classes)
+
+
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int = 0) -> list[np.ndarray]:
     """Split indices per class by ``fractions`` (summing to <= 1; the remainder is the first part).
 

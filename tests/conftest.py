@@ -26,6 +26,16 @@ TINY_NOISE_SEED = 7
 TINY_VIEW = 6  # the tiny bundle turns cells upside down in its graph, so every parity test covers a view
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def synthetic_calibration(classes: list[str], n: int = 600, seed: int = 0) -> dict:
     """calibration.json for ``classes`` fitted on synthetic outputs: errors ~ 1 + noise, the true class lower by
     a margin that varies per cell (so confidence varies and a review threshold can be certified)."""

@@ -66,3 +66,12 @@ def test_export_bundle_writes_a_loadable_bundle_and_chooses_a_precision(run_dirs
     assert "default precision" in err and "wrote bundle" in err
     assert main(argv) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_bundle_refuses_calibration_on_a_training_split_before_building(run_dirs, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["export", "bundle", "--teacher", str(run_dirs["teacher"]), "--cache", str(run_dirs["cache"]),
+                 "--timesteps", "100,500", "--noise-seed", "3", "--calibration-splits", "cal,train",
+                 "--out", str(out)]) == 2
+    assert "cannot calibrate on split(s) train" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "bundle.partial").exists()

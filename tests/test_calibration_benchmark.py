@@ -1,28 +1,59 @@
 """benchmarks/uncertainty.py end to end on synthetic engine outputs with a known abnormal group."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "uncertainty.py"
+from conftest import load_benchmark
+
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 
 
-def engine_outputs(n: int, rng: np.random.Generator, novel: bool = False):
-    """Over-confident logits (x3) of a decent classifier; errors = 5 - logits / 12. A novel cell has no
+def engine_outputs(n: int, rng: np.random.Generator, novel: bool = False, margin: float = 2.5):
+    """Over-confident logits (x3) of a decent classifier (true class ahead by ``margin`` noise sd); errors = 5 - logits / 12. A novel cell has no
     winning class: its true-class bonus is spread over three classes."""
     labels = rng.integers(0, 8, n)
-    bonus = np.eye(8)[labels] * 2.5
+    bonus = np.eye(8)[labels] * margin
     if novel:
         bonus = (np.eye(8)[labels] + np.eye(8)[(labels + 1) % 8] + np.eye(8)[(labels + 2) % 8]) * 0.9
     logits = 3.0 * (rng.normal(0, 1.0, (n, 8)) + bonus)
     errors = 5.0 - logits / 12 + rng.normal(0, 0.05, (n, 8))
     anomaly = rng.normal(0, 1, n)  # an uninformative engine score: the computed ones must beat it
     return logits.astype(np.float32), errors.astype(np.float32), anomaly.astype(np.float32), labels
+
+
+def test_crossfit_judges_each_test_fold_by_a_calibration_that_never_saw_it():
+    from calibration.fit import fit_calibration
+    from edge.postprocess import decide
+
+    bench, rng = load_benchmark("uncertainty"), np.random.default_rng(1)
+    d = {"classes": np.asarray(CLASSES)}
+    for split, n in (("cal", 900), ("test", 600)):
+        d.update(dict(zip((f"{split}_logits", f"{split}_errors", f"{split}_anomaly", f"{split}_labels"),
+                          engine_outputs(n, rng, margin=4.0))))
+    fold = bench.stratified_folds(d["test_labels"], 3, seed=0)
+    for c in range(8):  # every class dealt evenly round the folds
+        counts = np.bincount(fold[d["test_labels"] == c], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    cf = bench.crossfit(d, CLASSES, 3, delta=0.1, false_alarm=0.02, anomaly_score="neg_zeta", class_bias=False)
+    assert [f["n_test"] for f in cf["folds"]] == np.bincount(fold).tolist()
+    assert [f["n_fit"] for f in cf["folds"]] == [1500 - m for m in np.bincount(fold)]
+    # each fold again by hand: calibrated on cal + the other folds, applied to that fold only
+    keys = ("logits", "errors", "anomaly")
+    total = 0
+    for f in range(3):
+        held = fold == f
+        fit = {k: np.concatenate([d[f"cal_{k}"], d[f"test_{k}"][~held]]) for k in keys}
+        cal = fit_calibration(fit["logits"], fit["errors"], fit["anomaly"],
+                              np.concatenate([d["cal_labels"], d["test_labels"][~held]]), CLASSES, anomaly_score="neg_zeta")
+        assert cf["folds"][f]["review_threshold"] == cal["review_threshold"]
+        accepted = sum(c.state == "accepted" for c in decide({k: d[f"test_{k}"][held] for k in keys}, CLASSES, cal))
+        assert 0 < accepted < held.sum()
+        total += accepted
+    assert cf["test_states"]["accepted"] == pytest.approx(total / 600)
+    assert cf["selective"][1]["alpha"] == 0.01 and cf["selective"][1]["test_risk"] <= 0.03
 
 
 def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
@@ -36,15 +67,13 @@ def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
     arrays.update(ood_novel_logits=lo, ood_novel_errors=er, ood_novel_anomaly=an)
     np.savez(tmp_path / "outputs.npz", **arrays)
 
-    spec = importlib.util.spec_from_file_location("uncertainty_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("uncertainty")
     # a "teacher" that agrees with the truth on the first 2,700 test cells and is off by one class on the rest
     teacher = arrays["test_labels"].copy()
     teacher[2700:] = (teacher[2700:] + 1) % 8
     np.savez(tmp_path / "teacher_val.npz", label=teacher)
     assert bench.main([str(tmp_path / "outputs.npz"), "--out", str(tmp_path / "report"),
-                       "--teacher-val", str(tmp_path / "teacher_val.npz")]) == 0
+                       "--teacher-val", str(tmp_path / "teacher_val.npz"), "--crossfit", "2"]) == 0
 
     report = json.loads((tmp_path / "report" / "uncertainty.json").read_text())
     assert report["test_ece_after"] < report["test_ece_before"]
@@ -56,6 +85,8 @@ def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
     for s in report["selective"]:
         assert "refused" in s or s["test_risk"] <= 2 * s["alpha"] + 0.01
     assert [s["alpha"] for s in report["selective"]] == [0.005, 0.01, 0.02, 0.05]
+    assert [f["n_fit"] for f in report["crossfit"]["folds"]] == [6000 - f["n_test"] for f in report["crossfit"]["folds"]]
+    assert abs(report["crossfit"]["test_accuracy"] - report["test_accuracy"]) < 0.02
     scores = report["anomaly"]["novel"]["scores"]
     assert set(scores) == {"engine", "neg_zeta", "best_error", "error_profile"}
     assert abs(scores["engine"]["auroc"] - 0.5) < 0.1  # the uninformative score is measured as such

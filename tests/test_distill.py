@@ -17,7 +17,7 @@ from edge.errors import InputError  # noqa: E402
 def test_narrow_student_imitation_lowers_its_loss_and_loads_back_narrow(tmp_path):
     from safetensors.torch import save_file
 
-    from export.distill import DistillConfig, fit_scale, imitate
+    from export.distill import DistillConfig, imitate
     from export.engine import build_engine, load_student, student_unet
 
     teacher = tiny_model(0)

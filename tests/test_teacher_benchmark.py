@@ -2,21 +2,18 @@
 figures that export.diffusion_classifier gives on the same validation cells."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher.py"
+from conftest import load_benchmark
+
 
 
 def _run(monkeypatch, args: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_teacher", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("teacher")
     monkeypatch.setattr(sys, "argv", ["teacher.py", *args])
     assert mod.main() == 0
 

@@ -2,24 +2,16 @@
 and the error tensor itself on a tiny random teacher."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "timesteps.py"
+from conftest import load_benchmark
 
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_timesteps", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_report_finds_the_informative_timestep_and_range():
-    m = load()
+    m = load_benchmark("timesteps")
     rng = np.random.default_rng(0)
     n, grid, reps, k = 400, (50, 150, 300, 600, 900), 3, 8
     labels = rng.integers(0, k, n)
@@ -41,7 +33,7 @@ def test_error_tensor_shares_noise_across_classes():
     torch = pytest.importorskip("torch")
     from conftest import random_cells, tiny_model
 
-    m = load()
+    m = load_benchmark("timesteps")
     teacher = tiny_model(0)
     # identical class embeddings -> identical errors for every class of a (t, replicate): shared noise and view
     with torch.no_grad():

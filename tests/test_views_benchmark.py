@@ -2,15 +2,14 @@
 each figure the same as an engine built with that view gives."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "views.py"
+from conftest import load_benchmark
+
 
 
 def test_views_benchmark_scores_every_view_like_an_engine_with_that_view(tmp_path, monkeypatch):
@@ -35,9 +34,7 @@ def test_views_benchmark_scores_every_view_like_an_engine_with_that_view(tmp_pat
     teacher_val = (labels[12:20] + 1) % 8
     np.savez(sdir / "teacher_val.npz", label=teacher_val)
 
-    spec = importlib.util.spec_from_file_location("bench_views", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("views")
     monkeypatch.setattr(sys, "argv", ["views.py", "--teacher", str(tdir), "--student", str(sdir), "--cache",
                                       str(tmp_path / "cache.npz"), "--threads", "1", "--out", str(tmp_path / "out")])
     assert mod.main() == 0

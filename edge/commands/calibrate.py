@@ -34,6 +34,11 @@ def register(subparsers) -> None:
         "guarantee (the minimum is named) or class folders the bundle does not know.")
     p.add_argument("folder", metavar="LABELLED_FOLDER", help="folder of class folders of labelled cell images")
     p.add_argument("--bundle", required=True, metavar="DIR", help="model bundle folder to re-calibrate (rewritten in place)")
+    p.add_argument("--splits", metavar="NPZ",
+                   help="calibrate only on the --split cells of the folder named by this splits file (a teacher's "
+                   "splits.npz: indices into the folder's image list; refused for another folder)")
+    p.add_argument("--split", default="cal", metavar="NAMES",
+                   help="comma-separated held-out splits of --splits to calibrate on: cal, val or cal,val (default cal)")
     p.add_argument("--alpha", type=float, default=0.01, metavar="A",
                    help="largest error rate allowed among accepted cells (default 0.01)")
     p.add_argument("--delta", type=float, default=0.1, metavar="D",
@@ -89,7 +94,7 @@ def run_engine(backend, paths: list, crop_size: int, batch_size: int) -> tuple[d
 def run(args: argparse.Namespace) -> int:
     from edge.backends import load_backend
     from edge.bundle import load_bundle, update_bundle_file
-    from export.datasets import load_labelled_folder
+    from export.datasets import load_labelled_folder, select_splits
 
     for name in ("alpha", "delta", "false_alarm"):
         if not 0.0 < getattr(args, name) < 1.0:
@@ -98,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     bundle = load_bundle(args.bundle)
     folder = load_labelled_folder(args.folder, classes=bundle.classes, min_classes=1)
+    splits = [n for n in args.split.split(",") if n] if args.splits else None
+    if splits is not None:
+        folder = select_splits(folder, args.splits, splits)
     need = max(min_cells(args.alpha, args.delta), min_normal_cells(args.false_alarm))
     if len(folder.paths) < need:
         raise CalibrationError(f"{args.folder}: {len(folder.paths)} cells is too few for error <= {args.alpha:g} among "
@@ -110,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                           bundle.classes, alpha=args.alpha, delta=args.delta, false_alarm=args.false_alarm,
                           anomaly_score=score, calibset_sha256=crops_sha256(crops), class_bias=args.class_bias)
     cal["backend"], cal["precision"] = backend.name, backend.precision
+    if splits is not None:
+        cal["splits"] = splits
     update_bundle_file(bundle.root, CALIBRATION_FILE, (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
     m = cal["metrics"]
     print(f"calibrated {bundle.root} on {cal['n_cells']} cells ({backend.name} {backend.precision}): "

@@ -33,7 +33,8 @@ class ExportConfig:
     default_precision: str = "auto"  # what the runtime runs by default; auto = int8 if it keeps agreement and is faster
     min_int8_agreement: float = 0.99  # auto: INT8 vs FP32 label agreement required on validation cells
     choice_cells: int = 512  # auto: validation cells used to measure agreement
-    calibrate: bool = True  # fit calibration.json on the cache's held-out 'cal' split with the shipped engine
+    calibrate: bool = True  # fit calibration.json on held-out splits of the cache with the shipped engine
+    calibration_splits: tuple[str, ...] = ("cal",)  # which held-out splits: cal and/or val
     alpha: float = 0.01  # calibration: error bound among accepted cells
     delta: float = 0.1
     false_alarm: float = 0.02
@@ -91,7 +92,8 @@ def _add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="build the engine, export fp32/int8/fp16 ONNX, calibrate, write a model bundle",
                        description="Build the engine from the teacher and the distilled student, export it to ONNX "
                        "(fp32, fp16), quantize it to INT8 on training cells, fit calibration.json on the held-out "
-                       "'cal' split with the shipped precision, and write a bundle folder with a hashed manifest. "
+                       "splits named by --calibration-splits with the shipped precision, and write a bundle folder "
+                       "with a hashed manifest. "
                        "The folder is assembled beside --out and moved there only when complete.")
     _common(p)
     _data(p)
@@ -100,6 +102,8 @@ def _add_bundle(sub) -> None:
     p.add_argument("--default-precision", choices=("auto", "fp32", "int8", "fp16"),
                    help="precision the runtime uses by default; auto (default) measures INT8 against FP32 on "
                    "validation cells and ships INT8 only if labels agree on >= 99%% of them and it is faster")
+    p.add_argument("--calibration-splits", type=lambda s: tuple(v for v in s.split(",") if v), metavar="S1,S2",
+                   help="held-out splits to fit calibration.json on: cal, val or cal,val (default cal)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
                    help="ship the bundle uncalibrated (every cell goes to review until `cytoedge calibrate`)")
     p.add_argument("--no-teacher", dest="ship_teacher", action="store_const", const=False,
@@ -243,8 +247,15 @@ def _calib_cells(cfg: ExportConfig, data: dict):
     return np.ascontiguousarray(data["crops"][pick].transpose(0, 3, 1, 2))
 
 
+def _calibration_index(cfg: ExportConfig, data: dict):
+    """Cache indices int64 [M] of the cfg.calibration_splits cells (InputError for a split not held out or absent)."""
+    from export.datasets import held_out_index
+
+    return held_out_index({k: data[k] for k in ("train", "val", "cal") if k in data}, cfg.calibration_splits)
+
+
 def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
-    """Run the bundle's default engine (ONNX Runtime) on the 'cal' split and fit calibration.json."""
+    """Run the bundle's default engine (ONNX Runtime) on the cfg.calibration_splits cells and fit calibration.json."""
     import numpy as np
 
     from calibration.calibset import crops_sha256
@@ -252,22 +263,21 @@ def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
     from edge.backends import load_backend
     from edge.bundle import load_bundle
 
-    if "cal" not in data:
-        raise InputError("the splits file has no 'cal' split to calibrate on (use --no-calibrate)")
+    idx = _calibration_index(cfg, data)
     bundle = load_bundle(bundle_dir)
     backend = load_backend("onnxruntime", bundle, intra_op_num_threads=cfg.threads)
-    crops = np.ascontiguousarray(data["crops"][data["cal"]].transpose(0, 3, 1, 2))
-    outs = []
+    crops = np.ascontiguousarray(data["crops"][idx].transpose(0, 3, 1, 2))
+    outs, what = [], "+".join(cfg.calibration_splits)
     for i in range(0, len(crops), 64):
         outs.append(backend.infer(crops[i:i + 64]))
-        print(f"\rcytoedge export: calibrating on the cal split {min(i + 64, len(crops))}/{len(crops)}", end="",
+        print(f"\rcytoedge export: calibrating on the {what} split {min(i + 64, len(crops))}/{len(crops)}", end="",
               file=sys.stderr, flush=True)
     print(file=sys.stderr)
     merged = {k: np.concatenate([o[k] for o in outs]) for k in ("logits", "errors", "anomaly")}
-    cal = fit_calibration(merged["logits"], merged["errors"], merged["anomaly"], data["labels"][data["cal"]],
+    cal = fit_calibration(merged["logits"], merged["errors"], merged["anomaly"], data["labels"][idx],
                           bundle.classes, alpha=cfg.alpha, delta=cfg.delta, false_alarm=cfg.false_alarm,
                           anomaly_score=cfg.anomaly_score, calibset_sha256=crops_sha256(crops), class_bias=cfg.class_bias)
-    cal["backend"], cal["precision"] = backend.name, backend.precision
+    cal["backend"], cal["precision"], cal["splits"] = backend.name, backend.precision, list(cfg.calibration_splits)
     return cal
 
 
@@ -348,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists():
         raise InputError(f"{out}: already exists; give a new bundle folder")
     data = _load_data(cfg)
+    if cfg.calibrate:
+        _calibration_index(cfg, data)  # refuse a bad --calibration-splits before the long build
     cells = _calib_cells(cfg, data)
     train_labels = data["labels"][data["train"]]
     classes = [str(c) for c in data["classes"]]
@@ -358,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
         "n_train": int(len(data["train"])), "n_val": int(len(data.get("val", []))), "n_cal": int(len(data.get("cal", []))),
         "train_per_class": {c: int((train_labels == k).sum()) for k, c in enumerate(classes)},
         "teacher_steps": teacher.meta.get("steps"), "int8_calibration_split": "train",
+        **({"calibration_splits": list(cfg.calibration_splits)} if cfg.calibrate else {}),
     }
     metrics = {"distill": {k: v for k, v in info.items() if k not in ("config", "search")}} if info else {}
     teacher_files = None
@@ -378,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
             cal = _fit_calibration(cfg, partial, data)
             update_bundle_file(partial, "calibration.json", (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
             m = cal["metrics"]
-            _say(f"calibrated on {cal['n_cells']} cal-split cells: accuracy {100 * m['accuracy']:.1f}%, temperature "
-                 f"{cal['temperature']:.3f}, coverage {100 * m['coverage']:.1f}%")
+            _say(f"calibrated on {cal['n_cells']} {'+'.join(cfg.calibration_splits)} cells: accuracy "
+                 f"{100 * m['accuracy']:.1f}%, temperature {cal['temperature']:.3f}, coverage {100 * m['coverage']:.1f}%")
     print(out)
     return 0
