@@ -100,6 +100,8 @@ def test_split_selection_refuses_splits_of_another_folder(request, tmp_path, cap
     before = (bundle / "calibration.json").read_bytes()
     assert main(["calibrate", "--bundle", str(bundle), "--splits", str(tmp_path / "splits.npz"), str(folder)]) == 2
     assert "made for another set of images" in capsys.readouterr().err
+    assert main(["calibrate", "--bundle", str(bundle), "--split", "cal,val", str(folder)]) == 2
+    assert "give --splits too" in capsys.readouterr().err
     assert (bundle / "calibration.json").read_bytes() == before  # nothing rewritten
 
 

@@ -2,7 +2,9 @@
 
 Runs the bundle's engine over every image (read_image -> normalise_cell -> backend.infer, in batches),
 fits temperature, review threshold and anomaly threshold (calibration.fit) and rewrites calibration.json
-in the bundle with its manifest hash. Needs only the base install (no torch).
+in the bundle with its manifest hash. With ``--splits FILE --split cal,val`` only the folder's cells in those
+held-out splits of a teacher's splits.npz are used (how the shipped bundle is calibrated on PBC). Needs only the
+base install (no torch).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--splits", metavar="NPZ",
                    help="calibrate only on the --split cells of the folder named by this splits file (a teacher's "
                    "splits.npz: indices into the folder's image list; refused for another folder)")
-    p.add_argument("--split", default="cal", metavar="NAMES",
+    p.add_argument("--split", metavar="NAMES",
                    help="comma-separated held-out splits of --splits to calibrate on: cal, val or cal,val (default cal)")
     p.add_argument("--alpha", type=float, default=0.01, metavar="A",
                    help="largest error rate allowed among accepted cells (default 0.01)")
@@ -103,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     bundle = load_bundle(args.bundle)
     folder = load_labelled_folder(args.folder, classes=bundle.classes, min_classes=1)
-    splits = [n for n in args.split.split(",") if n] if args.splits else None
+    if args.split and not args.splits:
+        raise InputError("--split names splits of a --splits file: give --splits too")
+    splits = [n for n in (args.split or "cal").split(",") if n] if args.splits else None
     if splits is not None:
         folder = select_splits(folder, args.splits, splits)
     need = max(min_cells(args.alpha, args.delta), min_normal_cells(args.false_alarm))
