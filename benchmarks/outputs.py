@@ -87,8 +87,9 @@ def main() -> int:
         @torch.no_grad()
         def score(cells: np.ndarray) -> dict[str, np.ndarray]:
             x = torch.from_numpy(cells)
-            outs = [eng(x[i:i + 64]) for i in range(0, len(x), 64)]
-            return {k: torch.cat([o[j] for o in outs]).numpy() for j, k in enumerate(("logits", "errors", "anomaly"))}
+            outs = [(*eng(x[i:i + 64]), eng.timestep_errors(x[i:i + 64])) for i in range(0, len(x), 64)]
+            return {k: torch.cat([o[j] for o in outs]).numpy()
+                    for j, k in enumerate(("logits", "errors", "anomaly", "errors_t"))}
 
         p = f"ood_loco_{args.loco_class}"
         ho = np.flatnonzero(labels == held)
@@ -99,6 +100,7 @@ def main() -> int:
             cells = crops[idx].transpose(0, 3, 1, 2).copy()  # uint8 [n, 3, S, S]
             o = score(cells)
             res[f"{p}{suffix}_anomaly"], res[f"{p}{suffix}_errors"] = o["anomaly"], o["errors"]
+            res[f"{p}{suffix}_errors_t"] = o["errors_t"]  # [n, K, T]: for the per-timestep error profile
             if args.loco_full:
                 full = classify_cells(t, cells, progress=True)
                 res[f"{p}_full{suffix}_errors"] = np.stack([r.errors for r in full])

@@ -10,6 +10,8 @@ and, for each anomaly protocol P (e.g. "loco_erythroblast", "bccd"), abnormal (o
     ood_P_normal_anomaly / ood_P_normal_errors: normal test cells scored by the same engine (default: the
         test split; give them when P used another engine, e.g. one trained without a class)
     ood_P_cal_anomaly / ood_P_cal_errors: normal calibration cells of that engine (default: the cal split)
+    ood_P_errors_t, ood_P_normal_errors_t, ood_P_cal_errors_t [M, K', T] (optional, all three): the errors per
+        class and timestep; adds the score timestep_profile, the error profile over all K' * T of them
 Prints: ECE before/after temperature scaling (with --class-bias also one offset per class, BCTS; the other
 variant's ECE and balanced accuracy alongside), coverage and error among accepted at alpha in {0.5, 1, 2, 5}%
 (threshold fitted on the cal split by Learn then Test, measured on the test split), AURC, and for each
@@ -33,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.anomaly import (ANOMALY_SCORES, anomaly_scores, auroc, conformal_threshold,
-                                 crossfit_profile_distance, fit_best_error_stats, fit_profile_stats, score_histograms)
+                                 crossfit_profile_distance, fit_best_error_stats, fit_profile_stats, profile_distance,
+                                 score_histograms)
 from calibration.accuracy import accuracy_report
 from calibration.fit import calibrated_probs, fit_calibration
 from calibration.risk import aurc, ltt_threshold, plot_risk_coverage
@@ -43,7 +46,8 @@ from edge.errors import CalibrationError
 from edge.postprocess import decide
 
 ALPHAS = (0.005, 0.01, 0.02, 0.05)
-SUFFIXES = ("_normal_anomaly", "_normal_errors", "_cal_anomaly", "_cal_errors", "_anomaly", "_errors", "_logits")
+SUFFIXES = ("_normal_anomaly", "_normal_errors_t", "_normal_errors", "_cal_anomaly", "_cal_errors_t", "_cal_errors",
+            "_anomaly", "_errors_t", "_errors", "_logits")
 
 
 def protocols(data) -> dict[str, dict[str, np.ndarray]]:
@@ -134,6 +138,13 @@ def anomaly_protocol(name: str, p: dict, d, false_alarm: float, calibration: dic
     cal_s, norm_s, ood_s = score(cal_e, cal_a), score(normal_e, normal_a), score(p.get("errors"), p["anomaly"])
     if have_errors:  # as fit_calibration: the profile threshold from out-of-fold distances of the cal cells
         cal_s["error_profile"] = crossfit_profile_distance(cal_e)
+    if have_errors and all(f"{k}errors_t" in p for k in ("", "normal_", "cal_")):
+        # the profile over every (class, timestep) error [N, K*T] instead of the time-weighted class errors
+        flat = {k: p[f"{k}errors_t"].reshape(len(p[f"{k}errors_t"]), -1) for k in ("", "normal_", "cal_")}
+        timed = fit_profile_stats(cal_e, flat["cal_"])
+        cal_s["timestep_profile"] = crossfit_profile_distance(cal_e, profile=flat["cal_"])
+        norm_s["timestep_profile"] = profile_distance(normal_e, timed, flat["normal_"])
+        ood_s["timestep_profile"] = profile_distance(p["errors"], timed, flat[""])
     res: dict = {"n_normal": len(normal_a), "n_abnormal": len(p["anomaly"]), "scores": {}}
     for s in ood_s:
         thr = conformal_threshold(cal_s[s], false_alarm)
@@ -261,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
               f"; error among accepted {100 * cf['test_error_among_accepted']:.2f}%")
     for name, r in report["anomaly"].items():
         print(f"\nanomaly protocol {name}: {r['n_abnormal']} abnormal vs {r['n_normal']} normal cells")
-        print(f"  {'score':>13} {'AUROC':>7} {'detected':>9} {'false alarm':>12}   (threshold at {100 * args.false_alarm:g}% on cal)")
+        print(f"  {'score':>16} {'AUROC':>7} {'detected':>9} {'false alarm':>12}   (threshold at {100 * args.false_alarm:g}% on cal)")
         for s, v in r["scores"].items():
-            print(f"  {s:>13} {v['auroc']:7.4f} {100 * v['detection_rate']:8.1f}% {100 * v['test_false_alarm']:11.2f}%")
+            print(f"  {s:>16} {v['auroc']:7.4f} {100 * v['detection_rate']:8.1f}% {100 * v['test_false_alarm']:11.2f}%")
         if "states_with_shipped_calibration" in r:
             print("  with the full calibration: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["states_with_shipped_calibration"].items()))
     print(f"\nwrote {out / 'uncertainty.json'} and PNGs")

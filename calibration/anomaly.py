@@ -87,15 +87,19 @@ def _shrunk_precision(x: np.ndarray) -> np.ndarray:
     return np.linalg.inv(shrink * target + (1 - shrink) * cov + 1e-12 * max(mu, 1e-12) * np.eye(k))
 
 
-def fit_profile_stats(errors: np.ndarray) -> dict:
-    """Errors float [N, K] of normal cells -> {"mean": [K][K], "precision": [K][K][K]}: per predicted class
-    (argmin), the mean log-error profile and its shrunk inverse covariance; pooled for classes predicted fewer
-    than MIN_PROFILE_CELLS times."""
-    le = _log_errors(errors)
-    n, k = le.shape
+def fit_profile_stats(errors: np.ndarray, profile: np.ndarray | None = None) -> dict:
+    """Errors float [N, K] of normal cells -> {"mean": [K][D], "precision": [K][D][D]}: per predicted class
+    (argmin of errors), the mean log-error profile and its shrunk inverse covariance; pooled for classes predicted
+    fewer than MIN_PROFILE_CELLS times. The profile is the class errors (D = K) unless ``profile`` float [N, D]
+    gives other positive errors of the same cells (e.g. per class and timestep, D = K * T)."""
+    k = np.shape(errors)[1]
+    pred = _log_errors(errors).argmin(axis=1)
+    le = _log_errors(errors if profile is None else profile)
+    n = len(le)
+    if len(pred) != n:
+        raise CalibrationError(f"profile has {n} rows for {len(pred)} cells")
     if n < MIN_PROFILE_CELLS:
         raise CalibrationError(f"error-profile statistics need at least {MIN_PROFILE_CELLS} normal cells, got {n}")
-    pred = le.argmin(axis=1)
     pooled = (le.mean(axis=0), _shrunk_precision(le))
     mean, prec = [], []
     for c in range(k):
@@ -106,28 +110,33 @@ def fit_profile_stats(errors: np.ndarray) -> dict:
     return {"mean": mean, "precision": prec}
 
 
-def profile_distance(errors: np.ndarray, stats: dict) -> np.ndarray:
-    """Errors float [N, K] -> float64 [N] squared Mahalanobis distance of the log-error profile from the
-    normal profile of its predicted class; higher = more unusual."""
-    le = _log_errors(errors)
+def profile_distance(errors: np.ndarray, stats: dict, profile: np.ndarray | None = None) -> np.ndarray:
+    """Errors float [N, K] -> float64 [N] squared Mahalanobis distance of the log-error profile (``profile`` [N, D]
+    if the statistics were fitted on one, as fit_profile_stats) from the normal profile of its predicted class;
+    higher = more unusual."""
+    c = _log_errors(errors).argmin(axis=1)
+    le = _log_errors(errors if profile is None else profile)
     mean, prec = np.asarray(stats["mean"], np.float64), np.asarray(stats["precision"], np.float64)
-    if mean.shape != (le.shape[1], le.shape[1]) or prec.shape != (le.shape[1],) * 3:
-        raise CalibrationError(f"error-profile statistics are for {len(mean)} classes, errors have {le.shape[1]}")
-    c = le.argmin(axis=1)
+    k, dim = np.shape(errors)[1], le.shape[1]
+    if mean.shape != (k, dim) or prec.shape != (k, dim, dim):
+        raise CalibrationError(f"error-profile statistics are {mean.shape[0]} classes x {mean.shape[-1]} features, "
+                               f"the cells have {k} classes x {dim}")
     d = le - mean[c]
     return np.einsum("ni,nij,nj->n", d, prec[c], d)
 
 
-def crossfit_profile_distance(errors: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+def crossfit_profile_distance(errors: np.ndarray, folds: int = 5, seed: int = 0,
+                              profile: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold profile distances float64 [N] of the cells ``fit_profile_stats`` is fitted on: each fold is
     scored by statistics fitted on the others, so a threshold set on them holds for new cells (in-sample
-    distances are too small: the statistics have ~K^2 parameters per class)."""
+    distances are too small: the statistics have ~K^2 parameters per class). ``profile``: as fit_profile_stats."""
     errors = np.asarray(errors, np.float64)
+    profile = errors if profile is None else np.asarray(profile, np.float64)
     order = np.random.default_rng(seed).permutation(len(errors))
     out = np.empty(len(errors))
     for part in np.array_split(order, folds):
         rest = np.setdiff1d(order, part)
-        out[part] = profile_distance(errors[part], fit_profile_stats(errors[rest]))
+        out[part] = profile_distance(errors[part], fit_profile_stats(errors[rest], profile[rest]), profile[part])
     return out
 
 

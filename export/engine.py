@@ -96,6 +96,10 @@ class Engine(nn.Module):
 
     def class_errors(self, cells: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> float32 [N, K]: weighted mean over t of the masked squared denoiser error."""
+        return (self.timestep_errors(cells) * self.weights).sum(dim=2)
+
+    def timestep_errors(self, cells: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] -> float32 [N, K, T]: the masked squared denoiser error per class and timestep."""
         k, n_t = self.n_classes, self.n_timesteps
         x = dihedral_view(cells.float() * (1.0 / 127.5) - 1.0, self.view)  # flips on float: every backend has them
         z0 = self.encoder(x) * self.latent_scale  # [N, C, s, s]
@@ -106,8 +110,7 @@ class Engine(nn.Module):
         t = self.pair_t.unsqueeze(0).expand(n, -1).reshape(-1)
         y = self.pair_y.unsqueeze(0).expand(n, -1).reshape(-1)
         pred = self.unet(zt, t, class_labels=y).sample.view(-1, k, n_t, c, s, s)
-        err = ((pred - self.noise.view(1, 1, n_t, c, s, s)) ** 2 * self.mask.unsqueeze(0)).sum(dim=(3, 4, 5))
-        return (err * self.weights).sum(dim=2)  # [N, K]
+        return ((pred - self.noise.view(1, 1, n_t, c, s, s)) ** 2 * self.mask.unsqueeze(0)).sum(dim=(3, 4, 5))
 
     def forward(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """cells uint8 [N, 3, S, S] RGB -> (logits [N, K], errors [N, K], anomaly [N]), float32.

@@ -218,8 +218,32 @@ def test_error_profile_sees_what_the_best_error_cannot():
     assert pooled["mean"][3] == pytest.approx(np.log(rare).mean(0).tolist())
     with pytest.raises(CalibrationError, match="at least 30 normal cells"):
         fit_profile_stats(cal[:10])
-    with pytest.raises(CalibrationError, match="for 4 classes, errors have 3"):
+    with pytest.raises(CalibrationError, match="4 classes x 4 features, the cells have 3 classes x 3"):
         profile_distance(cal[:, :3], prof)
+
+
+def test_a_profile_per_timestep_sees_what_the_time_average_cannot():
+    """Odd cells have the normal errors on average over two timesteps but the other split between them."""
+    rng = np.random.default_rng(0)
+
+    def per_t(n: int, odd: bool = False) -> np.ndarray:
+        e = profile_cells(n, rng)
+        share = 0.7 + rng.normal(0, 0.03, (n, 4))  # the t = 0 part of twice the mean, per class
+        share = 1.0 - share if odd else share
+        return np.stack([e * 2 * share, e * 2 * (1 - share)], axis=2)  # [n, K, T]; mean over T = e
+
+    cal, normal, odd = per_t(1000), per_t(500), per_t(500, odd=True)
+    flat = lambda e: e.reshape(len(e), -1)  # noqa: E731
+    averaged = fit_profile_stats(cal.mean(2))
+    timed = fit_profile_stats(cal.mean(2), flat(cal))
+    assert np.shape(timed["mean"]) == (4, 8) and np.shape(timed["precision"]) == (4, 8, 8)
+    assert abs(auroc(profile_distance(normal.mean(2), averaged), profile_distance(odd.mean(2), averaged)) - 0.5) < 0.1
+    assert auroc(profile_distance(normal.mean(2), timed, flat(normal)),
+                 profile_distance(odd.mean(2), timed, flat(odd))) > 0.95
+    out_of_fold = crossfit_profile_distance(cal.mean(2), profile=flat(cal))
+    assert out_of_fold.shape == (1000,) and np.median(out_of_fold) > np.median(profile_distance(cal.mean(2), timed, flat(cal)))
+    with pytest.raises(CalibrationError, match="profile has 10 rows for 1000 cells"):
+        fit_profile_stats(cal.mean(2), flat(cal)[:10])
 
 
 def test_crossfitted_profile_threshold_keeps_the_false_alarm_rate():

@@ -65,6 +65,8 @@ def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
                                engine_outputs(n, rng))))
     lo, er, an, _ = engine_outputs(400, rng, novel=True)
     arrays.update(ood_novel_logits=lo, ood_novel_errors=er, ood_novel_anomaly=an)
+    for key, e in (("ood_novel", er), ("ood_novel_normal", arrays["test_errors"]), ("ood_novel_cal", arrays["cal_errors"])):
+        arrays[f"{key}_errors_t"] = np.stack([1.4 * e, 0.6 * e], axis=2)  # two timesteps [n, K, T] averaging to e
     np.savez(tmp_path / "outputs.npz", **arrays)
 
     bench = load_benchmark("uncertainty")
@@ -88,7 +90,9 @@ def test_uncertainty_benchmark_writes_report_and_pngs(tmp_path):
     assert [f["n_fit"] for f in report["crossfit"]["folds"]] == [6000 - f["n_test"] for f in report["crossfit"]["folds"]]
     assert abs(report["crossfit"]["test_accuracy"] - report["test_accuracy"]) < 0.02
     scores = report["anomaly"]["novel"]["scores"]
-    assert set(scores) == {"engine", "neg_zeta", "best_error", "error_profile"}
+    assert set(scores) == {"engine", "neg_zeta", "best_error", "error_profile", "timestep_profile"}
+    # the timesteps here carry no more than their mean: the per-timestep profile finds what the class profile finds
+    assert abs(scores["timestep_profile"]["auroc"] - scores["error_profile"]["auroc"]) < 0.05
     assert abs(scores["engine"]["auroc"] - 0.5) < 0.1  # the uninformative score is measured as such
     assert scores["neg_zeta"]["auroc"] > scores["engine"]["auroc"] + 0.15
     assert "states_with_shipped_calibration" in report["anomaly"]["novel"]

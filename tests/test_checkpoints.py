@@ -1,4 +1,5 @@
-"""The teacher checkpoints kept in git (export/checkpoints/teacherD, teacherE): their manifests' hashes hold, E is D
+"""The teacher checkpoints kept in git (export/checkpoints/teacherD, teacherE, teacher_loco): their manifests' hashes hold,
+the leave-one-class-out teacher knows every class but erythroblast, E is D
 trained on (same autoencoder, more steps) and is the shipped bundle's teacher, the cached teacher stages of each cover every
 training and validation cell, so that distillation from it skips the teacher's 20 core-minutes, and
 `cytoedge export checkpoint` rebuilds D's folder, files and figures, from its teacher and a run folder of parts."""
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1] / "export" / "checkpoints"
 CKPT = ROOT / "teacherD"
 
 
-@pytest.mark.parametrize("name", ["teacherD", "teacherE"])
+@pytest.mark.parametrize("name", ["teacherD", "teacherE", "teacher_loco"])
 def test_manifest_lists_every_file_with_its_hash(name):
     folder = ROOT / name
     man = json.loads((folder / "manifest.json").read_text())
@@ -31,6 +32,17 @@ def test_manifest_lists_every_file_with_its_hash(name):
     for fname, meta in man["files"].items():
         path = folder / fname
         assert path.stat().st_size == meta["bytes"] and file_sha256(path) == meta["sha256"], fname
+
+
+def test_the_loco_teacher_was_trained_without_erythroblasts():
+    loco, e = load_teacher(ROOT / "teacher_loco"), load_teacher(ROOT / "teacherE")
+    assert list(loco.cfg.classes) == [c for c in e.cfg.classes if c != "erythroblast"]
+    assert loco.meta["steps"] == 9000
+    with np.load(ROOT / "teacher_loco" / "splits.npz") as z:  # indices into the cache without erythroblasts
+        n_normal = sum(len(z[k]) for k in ("train", "val", "cal"))
+    with np.load(ROOT / "teacherE" / "splits.npz") as z:
+        n_all = sum(len(z[k]) for k in ("train", "val", "cal"))
+    assert n_normal < n_all
 
 
 def test_e_is_d_trained_on_and_is_the_shipped_teacher():

@@ -66,7 +66,11 @@ def test_timestep_weights_weight_the_mean(model):
         e0 = make([100], noise[:1], [1.0]).class_errors(cells)
         e1 = make([700], noise[1:], [1.0]).class_errors(cells)
         both = make([100, 700], noise, [3.0, 1.0]).class_errors(cells)
+        per_t = make([100, 700], noise, [3.0, 1.0]).timestep_errors(cells)
     torch.testing.assert_close(both, 0.75 * e0 + 0.25 * e1, rtol=1e-5, atol=1e-7)
+    assert per_t.shape == (2, 8, 2)  # [N, K, T], before the weighting
+    torch.testing.assert_close(per_t[:, :, 0], e0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(per_t[:, :, 1], e1, rtol=1e-5, atol=1e-7)
 
 
 def test_each_cell_is_independent_of_its_batch(engine):
