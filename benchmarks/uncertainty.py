@@ -42,6 +42,7 @@ from calibration.fit import calibrated_probs, fit_calibration
 from calibration.risk import aurc, ltt_threshold, plot_risk_coverage
 from calibration.temperature import (expected_calibration_error, fit_bias_temperature, fit_temperature, nll,
                                      reliability_diagram, softmax)
+from edge.backends import OUTPUTS
 from edge.errors import CalibrationError
 from edge.postprocess import decide
 
@@ -96,7 +97,7 @@ def crossfit(d, classes: list[str], k: int, delta: float, false_alarm: float, an
     folds = []
     for f in range(k):
         held = fold == f
-        fit = {key: np.concatenate([d[f"cal_{key}"], d[f"test_{key}"][~held]]) for key in ("logits", "errors", "anomaly")}
+        fit = {key: np.concatenate([d[f"cal_{key}"], d[f"test_{key}"][~held]]) for key in OUTPUTS}
         y_fit = np.concatenate([yc, yt[~held]])
         calibration = fit_calibration(fit["logits"], fit["errors"], fit["anomaly"], y_fit, classes, delta=delta,
                                       false_alarm=false_alarm, anomaly_score=anomaly_score, class_bias=class_bias)
@@ -108,8 +109,7 @@ def crossfit(d, classes: list[str], k: int, delta: float, false_alarm: float, an
             except CalibrationError:
                 thr = np.inf
             accept[a][held] = probs[held].max(1) >= thr
-        states[held] = [c.state for c in decide({key: d[f"test_{key}"][held] for key in ("logits", "errors", "anomaly")},
-                                                classes, calibration)]
+        states[held] = [c.state for c in decide({key: d[f"test_{key}"][held] for key in OUTPUTS}, classes, calibration)]
         folds.append({"n_fit": len(y_fit), "n_test": int(held.sum()), "temperature": calibration["temperature"],
                       "review_threshold": calibration["review_threshold"],
                       "anomaly_threshold": calibration["anomaly_threshold"]})

@@ -254,8 +254,9 @@ def _calibration_index(cfg: ExportConfig, data: dict):
     return held_out_index({k: data[k] for k in ("train", "val", "cal") if k in data}, cfg.calibration_splits)
 
 
-def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
-    """Run the bundle's default engine (ONNX Runtime) on the cfg.calibration_splits cells and fit calibration.json."""
+def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict, idx) -> dict:
+    """Run the bundle's default engine (ONNX Runtime) on the cache cells ``idx`` (the cfg.calibration_splits
+    cells, from _calibration_index) and fit calibration.json."""
     import numpy as np
 
     from calibration.calibset import crops_sha256
@@ -263,7 +264,6 @@ def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict) -> dict:
     from edge.backends import load_backend
     from edge.bundle import load_bundle
 
-    idx = _calibration_index(cfg, data)
     bundle = load_bundle(bundle_dir)
     backend = load_backend("onnxruntime", bundle, intra_op_num_threads=cfg.threads)
     crops = np.ascontiguousarray(data["crops"][idx].transpose(0, 3, 1, 2))
@@ -358,8 +358,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists():
         raise InputError(f"{out}: already exists; give a new bundle folder")
     data = _load_data(cfg)
-    if cfg.calibrate:
-        _calibration_index(cfg, data)  # refuse a bad --calibration-splits before the long build
+    cal_idx = _calibration_index(cfg, data) if cfg.calibrate else None  # a bad split is refused before the build
     cells = _calib_cells(cfg, data)
     train_labels = data["labels"][data["train"]]
     classes = [str(c) for c in data["classes"]]
@@ -388,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics["int8_vs_fp32"] = choice
             set_manifest_fields(partial, precision=chosen, metrics=metrics)
         if cfg.calibrate:
-            cal = _fit_calibration(cfg, partial, data)
+            cal = _fit_calibration(cfg, partial, data, cal_idx)
             update_bundle_file(partial, "calibration.json", (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
             m = cal["metrics"]
             _say(f"calibrated on {cal['n_cells']} {'+'.join(cfg.calibration_splits)} cells: accuracy "
