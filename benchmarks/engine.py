@@ -2,7 +2,8 @@
 
 Variants: the full diffusion teacher (export.diffusion_classifier), the student engine in PyTorch, the bundle's
 engines in ONNX Runtime (every precision it ships), and TensorRT when a GPU and a plan are present. For each:
-cells/s at batch 1 and at the best batch, ms per cell p50/p99 (batch 1), denoiser evaluations per cell, FLOPs
+cells/s at batch 1 and at the best batch, ms per cell p50/p99 (batch 1), (class, timestep) denoiser evaluations
+per cell and the network passes they take (fewer for a multi-head denoiser, which makes every class at once), FLOPs
 per cell (convolutions and linear layers, counted on the PyTorch modules: 2 x multiply-accumulates), achieved
 GFLOP/s against the matmul peak measured in the same run (2048 x 2048 float32 numpy), label agreement with the
 teacher, and balanced accuracy against the true labels. Warm-up first; machines are noisy, so the ratios
@@ -182,15 +183,23 @@ def run(args) -> dict:
     rows.append({"variant": "teacher (PyTorch)", "cells_per_s_b1": cps, "best_batch": 1, "cells_per_s_best": cps,
                  "ms_per_cell_p50": 1e3 * float(np.percentile(per_cell, 50)),
                  "ms_per_cell_p99": 1e3 * float(np.percentile(per_cell, 99)), "evals_per_cell": t_evals,
+                 "passes_per_cell": t_evals,
                  "flops_per_cell": t_evals * flops_per_eval, "agreement": 1.0,
                  "balanced_accuracy": balanced_accuracy(t_label, truth[:nt]), "n_cells": nt})
+
+    # a multi-head denoiser makes the K (class, timestep) evaluations of a timestep in one pass
+    passes = int(bundle.manifest.get("passes_per_cell", bundle.evals_per_cell))
+    if engine.passes_per_cell != passes:
+        raise SystemExit(f"--student makes {engine.passes_per_cell} denoiser passes per cell, the bundle {passes}: "
+                         "give the student the bundle was exported from")
 
     def engine_row(name: str, infer, evals: int, flops: float) -> None:
         say(f"{name} ...")
         # the runtime's label: argmax of the calibrated probabilities (temperature and class offsets)
         pred = np.concatenate([calibrated_probs(infer(cells[i:i + 32])["logits"], bundle.calibration).argmax(1)
                                for i in range(0, len(cells), 32)])
-        row = {"variant": name, **time_batches(infer, cells), "evals_per_cell": evals, "flops_per_cell": flops,
+        row = {"variant": name, **time_batches(infer, cells), "evals_per_cell": evals, "passes_per_cell": passes,
+               "flops_per_cell": flops,
                "agreement": float(np.mean(pred[:nt] == t_label)),
                "balanced_accuracy": balanced_accuracy(pred, truth), "n_cells": len(cells), "labels": pred}
         rows.append(row)
@@ -234,13 +243,13 @@ def _pct(x: float | None) -> str:
 def print_table(res: dict) -> None:
     print(f"matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s (float32; INT8 rows can exceed it); {res['n_cells']} "
           f"cells (teacher and agreement with it on the first {res['teacher_cells']})")
-    head = (f"{'variant':22s} {'cells/s b1':>10s} {'best (b)':>14s} {'ms p50':>8s} {'ms p99':>8s} {'evals':>6s} "
+    head = (f"{'variant':22s} {'cells/s b1':>10s} {'best (b)':>14s} {'ms p50':>8s} {'ms p99':>8s} {'evals':>6s} {'passes':>6s} "
             f"{'GFLOP/cell':>10s} {'GFLOP/s':>8s} {'%peak':>6s} {'x teach':>8s} {'agree':>6s} {'vs fp32':>7s} {'bal acc':>7s}")
     print(head)
     print("-" * len(head))
     for r in res["rows"]:
         print(f"{r['variant']:22s} {r['cells_per_s_b1']:10.2f} {r['cells_per_s_best']:9.2f} ({r['best_batch']:2d}) "
-              f"{r['ms_per_cell_p50']:8.1f} {r['ms_per_cell_p99']:8.1f} {r['evals_per_cell']:6.1f} "
+              f"{r['ms_per_cell_p50']:8.1f} {r['ms_per_cell_p99']:8.1f} {r['evals_per_cell']:6.1f} {r['passes_per_cell']:6.1f} "
               f"{r['flops_per_cell'] / 1e9:10.3f} {r['gflops_per_s']:8.1f} {100 * r['fraction_of_peak']:5.1f}% "
               f"{r['speedup_vs_teacher']:8.1f} {100 * r['agreement']:5.1f}% {_pct(r.get('agreement_with_fp32')):>7s} "
               f"{100 * r['balanced_accuracy']:6.1f}%")

@@ -130,7 +130,8 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
         scale_cells = calib_cells[:64] if scale_cells is None else scale_cells
         logit_scale = measure_logit_scale(engine, torch.from_numpy(np.ascontiguousarray(scale_cells)))
     engine.logit_scale = float(logit_scale)
-    say(f"engine: {engine.evals_per_cell} denoiser evaluations per cell, timesteps {engine.timesteps}, "
+    say(f"engine: {engine.evals_per_cell} (class, timestep) denoiser evaluations in {engine.passes_per_cell} "
+        f"passes per cell, timesteps {engine.timesteps}, "
         f"logit scale {engine.logit_scale:.4g}")
     crop = int(model.cfg.crop_size)
     files: dict[str, Path] = {}
@@ -170,7 +171,8 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
             teacher = {"weights": next(k for k in teacher_files if k.endswith(".safetensors")),
                        "config": next(k for k in teacher_files if k.endswith(".json"))}
         extra = {"logit_scale": engine.logit_scale, "timestep_weights": engine.weights.flatten().tolist(),
-                 "view": VIEWS[engine.view]}
+                 "view": VIEWS[engine.view], "passes_per_cell": engine.passes_per_cell,
+                 "denoiser": "multi_head" if engine.heads else "class_conditional"}
         if quant:
             extra["quantization"] = quant
             extra["tensorrt_sources"] = {"int8": "engine_int8_symmetric.onnx"}

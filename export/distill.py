@@ -10,8 +10,8 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
    sample reuses what is there, and ``cytoedge distill --part I/N`` computes slice I of both in its own process.
 3. ``search.json``: timesteps (pairs/sets from a grid) and then the noise seed, chosen for label agreement of
    the fixed-noise teacher with its own full estimate on a validation subset.
-4. ``student_init.safetensors`` (only for a student narrower than the teacher, ``student_channels``): the
-   narrow denoiser is first trained to imitate the teacher's denoiser on every class at the engine's
+4. ``student_init.safetensors`` (only for a student narrower than the teacher, ``student_channels``, or a
+   multi-head one, ``student_heads``): that denoiser is first trained to imitate the teacher's denoiser on every class at the engine's
    timesteps (epsilon MSE plus the class-centred error vector), with fresh noise and the fixed noise.
 5. ``student.safetensors``: the student fine-tuned so that the engine's class errors at those timesteps match
    the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true labels and a
@@ -42,6 +42,7 @@ from calibration.calibset import stratified_sample
 from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import VIEWS, Engine, build_engine, dihedral_view, student_unet
+from export.models import MultiHeadDenoiser
 from export.teacher import Teacher, load_teacher
 from export.train import _Batches, load_cache, lr_at
 
@@ -71,6 +72,12 @@ class DistillConfig:
     init_steps: int = 3000  # imitation steps for a narrow student (stage 4)
     init_batch: int = 8  # cells per imitation step (x every class)
     init_lr: float = 1e-3
+    imitate_weight: float = 0.0  # KL stage: + this x the epsilon MSE of the student against the teacher's denoiser
+    #                              for every class at the engine's timesteps and fixed noise (8 of the KL cells per
+    #                              step), so that every class's prediction stays the teacher's, not only the ranking
+    student_heads: bool = False  # a multi-head student (export.models.MultiHeadDenoiser): one pass per timestep
+    #                              predicts every class, T passes per cell instead of K * T; starts from the
+    #                              teacher's weights, then imitates its denoiser (stage 4) before the KL stage
     augment: bool = False  # random rotation/flip of each target cell per step (the teacher's estimate averages over them)
     train_view: int = -1  # >= 0: fine-tune under this fixed view only (export.engine.VIEWS; needs augment = false),
     #                       which then is the engine's view (stage 6 skips its search); -1 = train as given, search
@@ -243,7 +250,10 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
         with torch.no_grad():
             eps_t = teacher.unet(zt, t_k, class_labels=cls).sample
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            eps_s = student(zt, t_k, class_labels=cls).sample.float()
+            if hasattr(student, "all_classes"):  # a multi-head student makes every class in one pass
+                eps_s = student.all_classes(zt[::k], t).reshape(eps_t.shape).float()
+            else:
+                eps_s = student(zt, t_k, class_labels=cls).sample.float()
         e_t, e_s = teacher.masked_error(eps_t, n_k).view(-1, k), teacher.masked_error(eps_s, n_k).view(-1, k)
         d_t, d_s = e_t - e_t.mean(1, keepdim=True), e_s - e_s.mean(1, keepdim=True)
         loss = F.mse_loss(eps_s, eps_t) + F.mse_loss(d_s, d_t) / d_t.pow(2).mean().clamp_min(1e-12)
@@ -259,6 +269,23 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
     bar.close()
     save_file({kk: v.detach().contiguous() for kk, v in student.state_dict().items()}, str(path))
     return losses
+
+
+def _imitation_term(teacher: Teacher, student: torch.nn.Module, cells: torch.Tensor, engine: Engine) -> torch.Tensor:
+    """Epsilon MSE of ``student`` against the teacher's denoiser for every class at the engine's timesteps and
+    fixed noise, on uint8 cells [B, 3, S, S] (as the engine sees them, before its view)."""
+    k, n_t = engine.n_classes, engine.n_timesteps
+    with torch.no_grad():
+        z0 = teacher.latents(dihedral_view(cells, engine.view))
+        zt = (engine.sqrt_a * z0.unsqueeze(1) + engine.sqrt_1ma * engine.noise.unsqueeze(0)).flatten(0, 1)  # [B*T]
+        t = engine.pair_t[:n_t].repeat(len(cells))
+        eps_t = torch.stack([teacher.unet(zt, t, class_labels=torch.full_like(t, c)).sample for c in range(k)], 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if hasattr(student, "all_classes"):
+            eps_s = student.all_classes(zt, t).float()
+        else:
+            eps_s = torch.stack([student(zt, t, class_labels=torch.full_like(t, c)).sample for c in range(k)], 1).float()
+    return F.mse_loss(eps_s, eps_t)
 
 
 def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
@@ -286,6 +313,8 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
+    if cfg.student_heads and cfg.student_channels:
+        raise InputError("student_heads starts from the teacher's own width; leave student_channels empty")
     torch.set_num_threads(cfg.threads)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -322,8 +351,10 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     ts, seed = found["timesteps"], found["noise_seed"]
 
     b = fit_scale(tgt["errors"], labels[tgt_idx])
-    if cfg.student_channels and tuple(cfg.student_channels) != tuple(teacher.cfg.unet_channels):
-        student = student_unet(teacher, cfg.student_channels)
+    narrow = bool(cfg.student_channels) and tuple(cfg.student_channels) != tuple(teacher.cfg.unet_channels)
+    if narrow or cfg.student_heads:
+        student = (MultiHeadDenoiser.from_conditional(teacher.cfg, teacher.unet) if cfg.student_heads
+                   else student_unet(teacher, cfg.student_channels))
         init = run / "student_init.safetensors"
         if not init.exists():
             imitate(teacher, student, crops, labels, splits["train"], ts, seed, cfg, init, progress)
@@ -367,6 +398,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
             e_s = engine.class_errors(x_kl).float()
         logp_s = torch.log_softmax(-log_a.exp() * (e_s - e_s.min(1, keepdim=True).values.detach()), 1)
         kl = F.kl_div(logp_s, p_teacher[i], reduction="batchmean")
+        im = _imitation_term(teacher, student, x_kl[:8], engine) if cfg.imitate_weight > 0 else torch.zeros(())
         x, y = denoise.next()
         z0 = teacher.latents_of_unit(x)
         t = torch.randint(0, len(abar), (len(y),), generator=gen)
@@ -375,14 +407,14 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = student(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, class_labels=y).sample
         dn = F.mse_loss(pred.float(), noise)
-        loss = kl + cfg.denoise_weight * dn
+        loss = kl + cfg.denoise_weight * dn + cfg.imitate_weight * im
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.param_groups[0]["lr"] = lr_at(state["step"], cfg)  # the student's group; log_a keeps its own lr
         opt.step()
         state["step"] += 1
-        state["log"].append((state["step"], kl.item(), dn.item(), log_a.exp().item()))
-        bar.update(1); bar.set_postfix(kl=f"{kl.item():.3f}", dn=f"{dn.item():.3f}")
+        state["log"].append((state["step"], kl.item(), dn.item(), log_a.exp().item(), im.item()))
+        bar.update(1); bar.set_postfix(kl=f"{kl.item():.3f}", dn=f"{dn.item():.3f}", im=f"{im.item():.3f}")
         if state["step"] % cfg.ckpt_every == 0:
             save(False)
     bar.close()
@@ -408,7 +440,8 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         "timesteps": ts, "noise_seed": seed, "view": view["view"],
         "logit_scale": float(log_a.detach().exp()), "teacher_logit_scale": b,
         "evals_per_cell": len(teacher.cfg.classes) * len(ts), "steps": state["step"],
-        "student_channels": list(student.config.block_out_channels),
+        "student_channels": list((student.trunk if cfg.student_heads else student).config.block_out_channels),
+        "student_heads": bool(cfg.student_heads), "passes_per_cell": engine.passes_per_cell,
         "val_agreement_with_teacher": agree, "search": {k: v for k, v in found.items() if k != "table"},
         "view_search": {k: v for k, v in view.items() if k != "table"},
         "config": asdict(cfg)}, indent=2))

@@ -46,7 +46,7 @@ class Engine(nn.Module):
     """The distilled classifier as one module.
 
     ae: AutoEncoder (only ``encode`` is used); unet: the student denoiser (diffusers UNet2DModel with class
-    embeddings, epsilon prediction); latent_scale: float or float [1, C, 1, 1] (per-channel whitening),
+    embeddings, epsilon prediction, or an export.models.MultiHeadDenoiser); latent_scale: float or float [1, C, 1, 1] (per-channel whitening),
     z0 = encode(x) * latent_scale; abar: float32 [T_train]
     cumulative alpha products of the DDPM schedule; mask: float32 [1, 1, s, s] error disc (mean 1 inside);
     timesteps: the T fixed timesteps; noise: float32 [T, C, s, s]; weights: float [T] per-timestep weights
@@ -90,9 +90,20 @@ class Engine(nn.Module):
         self.register_buffer("pair_y", torch.arange(n_classes).repeat_interleave(n_t))
 
     @property
+    def heads(self) -> bool:
+        """True for a multi-head denoiser (export.models.MultiHeadDenoiser): T passes per cell, not K * T."""
+        return hasattr(self.unet, "all_classes")
+
+    @property
     def evals_per_cell(self) -> int:
-        """Denoiser evaluations per cell: K * T."""
+        """(class, timestep) denoiser evaluations per cell: K * T (one per class and timestep, also when a
+        multi-head denoiser makes the K of one timestep in one pass; see passes_per_cell)."""
         return self.n_classes * self.n_timesteps
+
+    @property
+    def passes_per_cell(self) -> int:
+        """Denoiser network passes per cell: T for a multi-head denoiser, K * T otherwise."""
+        return self.n_timesteps if self.heads else self.evals_per_cell
 
     def class_errors(self, cells: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] -> float32 [N, K]: weighted mean over t of the masked squared denoiser error."""
@@ -105,11 +116,15 @@ class Engine(nn.Module):
         z0 = self.encoder(x) * self.latent_scale  # [N, C, s, s]
         c, s = z0.shape[1], z0.shape[2]
         zt = self.sqrt_a * z0.unsqueeze(1) + self.sqrt_1ma * self.noise.unsqueeze(0)  # [N, T, C, s, s]
-        zt = zt.unsqueeze(1).expand(-1, k, -1, -1, -1, -1).reshape(-1, c, s, s)  # [N*K*T, C, s, s]
         n = z0.shape[0]
-        t = self.pair_t.unsqueeze(0).expand(n, -1).reshape(-1)
-        y = self.pair_y.unsqueeze(0).expand(n, -1).reshape(-1)
-        pred = self.unet(zt, t, class_labels=y).sample.view(-1, k, n_t, c, s, s)
+        if self.heads:  # one trunk pass per (cell, timestep) predicts every class
+            t = self.pair_t[:n_t].unsqueeze(0).expand(n, -1).reshape(-1)
+            pred = self.unet.all_classes(zt.reshape(-1, c, s, s), t).view(n, n_t, k, c, s, s).transpose(1, 2)
+        else:
+            zt = zt.unsqueeze(1).expand(-1, k, -1, -1, -1, -1).reshape(-1, c, s, s)  # [N*K*T, C, s, s]
+            t = self.pair_t.unsqueeze(0).expand(n, -1).reshape(-1)
+            y = self.pair_y.unsqueeze(0).expand(n, -1).reshape(-1)
+            pred = self.unet(zt, t, class_labels=y).sample.view(-1, k, n_t, c, s, s)
         return ((pred - self.noise.view(1, 1, n_t, c, s, s)) ** 2 * self.mask.unsqueeze(0)).sum(dim=(3, 4, 5))
 
     def forward(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +179,8 @@ def student_unet(model, channels) -> nn.Module:
 
 def load_student(model, folder) -> tuple[nn.Module, dict]:
     """The distilled student of ``model`` (a loaded Teacher) from ``folder``: student.safetensors (the denoiser's
-    state dict; the teacher's architecture, or narrower as distill.json's ``student_channels`` says) and
+    state dict; the teacher's architecture, narrower as distill.json's ``student_channels`` says, or an
+    export.models.MultiHeadDenoiser when its ``student_heads`` is true) and
     distill.json (timesteps, noise_seed, logit_scale, ...).
     Returns (unet in eval mode, the parsed distill.json). Raises BundleError naming a missing or mismatched file."""
     import copy
@@ -187,7 +203,14 @@ def load_student(model, folder) -> tuple[nn.Module, dict]:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{jpath}: not a valid distillation record ({exc})") from exc
     chans = info.get("student_channels")
-    unet = student_unet(model, chans) if chans and list(chans) != list(model.cfg.unet_channels) else copy.deepcopy(model.unet)
+    if info.get("student_heads"):
+        from export.models import MultiHeadDenoiser
+
+        unet = MultiHeadDenoiser(model.cfg)
+    elif chans and list(chans) != list(model.cfg.unet_channels):
+        unet = student_unet(model, chans)
+    else:
+        unet = copy.deepcopy(model.unet)
     try:
         unet.load_state_dict({k: v.float() for k, v in load_file(str(wpath)).items()}, strict=True)
     except (SafetensorError, OSError) as exc:

@@ -78,16 +78,18 @@ class AutoEncoder(nn.Module):
         return self.decoder(z)
 
 
-def build_unet(cfg: ModelConfig):
-    """diffusers UNet2DModel: latent [N, C, s, s], timestep [N], class_labels [N] -> epsilon [N, C, s, s]."""
+def build_unet(cfg: ModelConfig, multi_head: bool = False):
+    """diffusers UNet2DModel: latent [N, C, s, s], timestep [N], class_labels [N] -> epsilon [N, C, s, s].
+    multi_head: no class embedding and K * C output channels instead (the trunk of MultiHeadDenoiser)."""
     from diffusers import UNet2DModel
 
-    n = len(cfg.unet_channels)
+    n, k = len(cfg.unet_channels), len(cfg.classes)
     return UNet2DModel(
-        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels * (k if multi_head else 1),
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.layers_per_block,
         down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
-        num_class_embeds=len(cfg.classes), norm_num_groups=8,
+        num_class_embeds=None if multi_head else k, norm_num_groups=8,
     )
 
 
@@ -114,3 +116,43 @@ def set_threads(n: int) -> None:
 def to_unit(cells_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> float32 [N, 3, S, S] in [-1, 1]."""
     return cells_u8.float() / 127.5 - 1.0
+
+
+class MultiHeadDenoiser(nn.Module):
+    """A denoiser that predicts epsilon for every class in one pass: one unconditional UNet2DModel trunk whose
+    output has K * C channels, read as K class-conditional predictions.
+
+    all_classes: latent [B, C, s, s], timestep [B] -> epsilon [B, K, C, s, s]; forward(z, t, class_labels=y)
+    keeps the UNet2DModel call (``.sample`` is [B, C, s, s], the head of class y[b]), so training code that
+    denoises one class per sample is unchanged. The engine calls ``all_classes`` once per (cell, timestep), so
+    a cell costs T trunk passes instead of K * T class-conditional ones.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_classes, self.channels = len(cfg.classes), cfg.latent_channels
+        self.trunk = build_unet(cfg, multi_head=True)
+
+    @classmethod
+    @torch.no_grad()
+    def from_conditional(cls, cfg: ModelConfig, unet: nn.Module) -> "MultiHeadDenoiser":
+        """Start from a class-conditional denoiser of the same width: its weights, the mean class embedding folded
+        into the time embedding's last bias, and its output convolution copied to every head (so every head
+        starts as the denoiser conditioned on the average class)."""
+        m = cls(cfg)
+        sd = {k: v for k, v in unet.state_dict().items() if not k.startswith(("class_embedding.", "conv_out."))}
+        sd["time_embedding.linear_2.bias"] = sd["time_embedding.linear_2.bias"] + unet.class_embedding.weight.mean(0)
+        sd["conv_out.weight"] = unet.conv_out.weight.repeat(m.n_classes, 1, 1, 1)
+        sd["conv_out.bias"] = unet.conv_out.bias.repeat(m.n_classes)
+        m.trunk.load_state_dict(sd, strict=True)
+        return m
+
+    def all_classes(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.trunk(z, t).sample
+        return out.view(-1, self.n_classes, self.channels, *out.shape[2:])
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor):
+        from types import SimpleNamespace
+
+        eps = self.all_classes(z, t)
+        return SimpleNamespace(sample=eps[torch.arange(len(z)), class_labels])

@@ -23,6 +23,11 @@ def register(sub) -> None:
     p.add_argument("--target-cells", type=int, help="training cells with teacher targets (0 = all; default 1600)")
     p.add_argument("--target-seeds", type=_seeds, metavar="S,S,...", help="noise seeds of the teacher runs whose "
                    "class errors are averaged into each target (default 0: one run; e.g. 0,1 costs a second run)")
+    p.add_argument("--student-heads", action="store_true", default=None, help="a multi-head student: one "
+                   "denoiser pass per timestep predicts every class (2 passes per cell instead of 16 at 8 classes x "
+                   "2 timesteps); starts from the teacher's weights and imitates its denoiser first (--init-steps)")
+    p.add_argument("--init-steps", type=int, help="imitation steps before the KL stage, for a narrow or multi-head "
+                   "student (default 3000)")
     p.add_argument("--part", type=_part, metavar="I/N", help="only compute slice I of N (0-based) of the missing "
                    "teacher stages (validation and targets), then stop: run N of these at once (one per core, --threads 1), then distill "
                    "without --part")
