@@ -348,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
         if scale is None:
             _say("no student logit scale: logits = -errors (the bundle action measures a scale)")
         export_onnx(eng, out, teacher.cfg.crop_size, args.precision)
-        _say(f"{eng.evals_per_cell} denoiser evaluations per cell, timesteps {eng.timesteps}, noise seed {seed}")
+        _say(f"{eng.evals_per_cell} (class, timestep) denoiser evaluations in {eng.passes_per_cell} passes per cell, "
+             f"timesteps {eng.timesteps}, noise seed {seed}")
         print(out)
         return 0
 
