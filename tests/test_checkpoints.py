@@ -1,5 +1,5 @@
 """The checkpoints kept in git (export/checkpoints/teacherD, teacherE, teacher_loco, and E's multi-head student
-studentH): their manifests' hashes hold, the multi-head student classifies real cells in 2 passes per cell,
+student_heads): their manifests' hashes hold, the multi-head student classifies real cells in 2 passes per cell,
 the leave-one-class-out teacher knows every class but erythroblast, E is D
 trained on (same autoencoder, more steps) and is the shipped bundle's teacher, the cached teacher stages of each cover every
 training and validation cell, so that distillation from it skips the teacher's 20 core-minutes, and
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / "export" / "checkpoints"
 CKPT = ROOT / "teacherD"
 
 
-@pytest.mark.parametrize("name", ["teacherD", "teacherE", "teacher_loco", "studentH"])
+@pytest.mark.parametrize("name", ["teacherD", "teacherE", "teacher_loco", "student_heads"])
 def test_manifest_lists_every_file_with_its_hash(name):
     folder = ROOT / name
     man = json.loads((folder / "manifest.json").read_text())
@@ -137,10 +137,10 @@ def test_the_multi_head_student_of_e_classifies_real_cells_in_two_passes(pbc_cel
     from export.models import MultiHeadDenoiser
 
     e = load_teacher(ROOT / "teacherE")
-    unet, info = load_student(e, ROOT / "studentH")
-    assert isinstance(unet, MultiHeadDenoiser) and info["student_heads"] and info["steps"] == 6000
+    unet, info = load_student(e, ROOT / "student_heads")
+    assert isinstance(unet, MultiHeadDenoiser) and info["student_heads"] and info["steps"] == 12000
     eng = build_engine(e, unet, info["timesteps"], info["noise_seed"], view=info["view"])
-    assert (eng.passes_per_cell, eng.evals_per_cell, VIEWS[eng.view]) == (2, 16, "rot270")
+    assert (eng.passes_per_cell, eng.evals_per_cell, VIEWS[eng.view]) == (2, 16, "flip_h")
     cells, labels = pbc_cells
     with torch.no_grad():
         pred = eng.class_errors(torch.from_numpy(cells)).argmin(1).numpy()
