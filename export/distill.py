@@ -42,7 +42,7 @@ from calibration.calibset import stratified_sample
 from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import VIEWS, Engine, build_engine, dihedral_view, student_unet
-from export.models import MultiHeadDenoiser
+from export.models import MultiHeadDenoiser, all_class_eps
 from export.teacher import Teacher, load_teacher
 from export.train import _Batches, load_cache, lr_at
 
@@ -250,10 +250,7 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
         with torch.no_grad():
             eps_t = teacher.unet(zt, t_k, class_labels=cls).sample
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            if hasattr(student, "all_classes"):  # a multi-head student makes every class in one pass
-                eps_s = student.all_classes(zt[::k], t).reshape(eps_t.shape).float()
-            else:
-                eps_s = student(zt, t_k, class_labels=cls).sample.float()
+            eps_s = all_class_eps(student, zt[::k], t, k).reshape(eps_t.shape).float()
         e_t, e_s = teacher.masked_error(eps_t, n_k).view(-1, k), teacher.masked_error(eps_s, n_k).view(-1, k)
         d_t, d_s = e_t - e_t.mean(1, keepdim=True), e_s - e_s.mean(1, keepdim=True)
         loss = F.mse_loss(eps_s, eps_t) + F.mse_loss(d_s, d_t) / d_t.pow(2).mean().clamp_min(1e-12)
@@ -279,12 +276,9 @@ def _imitation_term(teacher: Teacher, student: torch.nn.Module, cells: torch.Ten
         z0 = teacher.latents(dihedral_view(cells, engine.view))
         zt = (engine.sqrt_a * z0.unsqueeze(1) + engine.sqrt_1ma * engine.noise.unsqueeze(0)).flatten(0, 1)  # [B*T]
         t = engine.pair_t[:n_t].repeat(len(cells))
-        eps_t = torch.stack([teacher.unet(zt, t, class_labels=torch.full_like(t, c)).sample for c in range(k)], 1)
+        eps_t = all_class_eps(teacher.unet, zt, t, k)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        if hasattr(student, "all_classes"):
-            eps_s = student.all_classes(zt, t).float()
-        else:
-            eps_s = torch.stack([student(zt, t, class_labels=torch.full_like(t, c)).sample for c in range(k)], 1).float()
+        eps_s = all_class_eps(student, zt, t, k).float()
     return F.mse_loss(eps_s, eps_t)
 
 

@@ -156,3 +156,13 @@ class MultiHeadDenoiser(nn.Module):
 
         eps = self.all_classes(z, t)
         return SimpleNamespace(sample=eps[torch.arange(len(z)), class_labels])
+
+
+def all_class_eps(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Every class's epsilon from either kind of denoiser in one batched call: latent [B, C, s, s], timestep [B]
+    -> [B, K, C, s, s] (a MultiHeadDenoiser in one pass; a class-conditional one on B * K inputs)."""
+    if hasattr(unet, "all_classes"):
+        return unet.all_classes(z, t)
+    y = torch.arange(n_classes, device=z.device).repeat(len(z))
+    out = unet(z.repeat_interleave(n_classes, 0), t.repeat_interleave(n_classes), class_labels=y).sample
+    return out.view(len(z), n_classes, *out.shape[1:])
