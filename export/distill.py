@@ -15,7 +15,7 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
    timesteps (epsilon MSE plus the class-centred error vector), with fresh noise and the fixed noise.
 5. ``student.safetensors``: the student fine-tuned so that the engine's class errors at those timesteps match
    the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true labels and a
-   learned, plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
+   learned (or held at ``logit_scale``), plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
 6. ``view.json``: the dihedral view the engine turns cells by (export.engine.dihedral_view), chosen for accuracy
    on the calibration split. With one fixed noise draw, the student's accuracy depends on how that noise meets
    the cell: the accuracy of the session-5 student over its 8 views spread over 1.5 points (calibration split)
@@ -44,7 +44,7 @@ from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import VIEWS, Engine, build_engine, dihedral_view, student_unet
 from export.models import MultiHeadDenoiser, all_class_eps
 from export.teacher import Teacher, load_teacher
-from export.train import _Batches, load_cache, lr_at
+from export.train import _Batches, cpu_autocast, load_cache, lr_at
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,10 @@ class DistillConfig:
     imitate_weight: float = 0.0  # KL stage: + this x the epsilon MSE of the student against the teacher's denoiser
     #                              for every class at the engine's timesteps and fixed noise (8 of the KL cells per
     #                              step), so that every class's prediction stays the teacher's, not only the ranking
+    logit_scale: float = 0.0  # > 0: the KL stage holds the student's logit scale a at this value instead of learning
+    #                           it, so the class errors keep the spread of a denoiser (a learnt a fell from the
+    #                           teacher's 1856 to 14 for the multi-head student H2, whose errors then spread 17x wider
+    #                           than the conditional engine's, which had learnt a = 314)
     student_heads: bool = False  # a multi-head student (export.models.MultiHeadDenoiser): one pass per timestep
     #                              predicts every class, T passes per cell instead of K * T; starts from the
     #                              teacher's weights, then imitates its denoiser (stage 4) before the KL stage
@@ -249,7 +253,7 @@ def imitate(teacher: Teacher, student: torch.nn.Module, crops: np.ndarray, label
         t_k, n_k = t.repeat_interleave(k), noise.repeat_interleave(k, 0)
         with torch.no_grad():
             eps_t = teacher.unet(zt, t_k, class_labels=cls).sample
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             eps_s = all_class_eps(student, zt[::k], t, k).reshape(eps_t.shape).float()
         e_t, e_s = teacher.masked_error(eps_t, n_k).view(-1, k), teacher.masked_error(eps_s, n_k).view(-1, k)
         d_t, d_s = e_t - e_t.mean(1, keepdim=True), e_s - e_s.mean(1, keepdim=True)
@@ -277,7 +281,7 @@ def _imitation_term(teacher: Teacher, student: torch.nn.Module, cells: torch.Ten
         zt = (engine.sqrt_a * z0.unsqueeze(1) + engine.sqrt_1ma * engine.noise.unsqueeze(0)).flatten(0, 1)  # [B*T]
         t = engine.pair_t[:n_t].repeat(len(cells))
         eps_t = all_class_eps(teacher.unet, zt, t, k)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with cpu_autocast():
         eps_s = all_class_eps(student, zt, t, k).float()
     return F.mse_loss(eps_s, eps_t)
 
@@ -360,7 +364,8 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         raise InputError("train_view fixes the orientation the student learns; it needs augment = false")
     engine = build_engine(teacher, student, ts, seed, view=max(cfg.train_view, 0))
     engine.unet.requires_grad_(True)
-    log_a = torch.nn.Parameter(torch.tensor(math.log(b)))
+    log_a = torch.nn.Parameter(torch.tensor(math.log(cfg.logit_scale if cfg.logit_scale > 0 else b)),
+                               requires_grad=cfg.logit_scale <= 0)
     opt = torch.optim.AdamW([{"params": student.parameters()}, {"params": [log_a], "lr": 1e-2}], lr=cfg.lr, weight_decay=0.0)
     state = {"step": 0, "log": []}
     ckpt = run / "ckpt.pt"
@@ -388,7 +393,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     while state["step"] < cfg.steps and not (cfg.max_minutes > 0 and time.time() - t_start > cfg.max_minutes * 60):
         i = torch.randint(0, len(tgt_cells), (cfg.batch,), generator=gen)
         x_kl = dihedral(tgt_cells[i], gen) if cfg.augment else tgt_cells[i]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             e_s = engine.class_errors(x_kl).float()
         logp_s = torch.log_softmax(-log_a.exp() * (e_s - e_s.min(1, keepdim=True).values.detach()), 1)
         kl = F.kl_div(logp_s, p_teacher[i], reduction="batchmean")
@@ -398,7 +403,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         t = torch.randint(0, len(abar), (len(y),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             pred = student(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, class_labels=y).sample
         dn = F.mse_loss(pred.float(), noise)
         loss = kl + cfg.denoise_weight * dn + cfg.imitate_weight * im

@@ -35,7 +35,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ckpt_every: int = 500
     max_minutes: float = 0.0  # stop (after a checkpoint) when this wall-clock budget is spent; 0 = no limit
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where the CPU runs it natively (cpu_autocast); fp32 elsewhere
     threads: int = 2
     unet_channels: tuple[int, ...] = (32, 64, 128)  # denoiser width per level (tests use a tiny one)
     lr_decay_steps: int = 0  # the last N steps anneal lr (cosine) down to lr_final_frac * lr; 0 = constant lr
@@ -158,6 +158,14 @@ class _Batches:
         return x.clamp(-1.2, 1.2), self.labels[i]
 
 
+def cpu_autocast(bf16: bool = True) -> torch.autocast:
+    """bf16 autocast on the CPU when asked for and the CPU has native bf16 (AVX-512 BF16); otherwise disabled,
+    because emulated bf16 is far slower than fp32: on a 2-core AMD EPYC with AVX2 only, a forward and backward
+    pass of the multi-head student (16 latents) took 1.90 s in bf16 against 0.15 s in fp32, and 128 teacher
+    evaluations 8.0 s against 0.34 s."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and torch.cpu._is_avx512_bf16_supported())
+
+
 def lr_at(step: int, cfg: "TrainConfig | DistillConfig") -> float:
     """Constant cfg.lr, then a cosine anneal to lr_final_frac * lr over the last lr_decay_steps steps (any config
     with steps, lr, lr_decay_steps and lr_final_frac)."""
@@ -241,7 +249,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     batches = _Batches(data["crops"], data["labels"], splits["train"], cfg.batch, cfg.seed + state["ae_step"] + state["step"],
                        cfg.stain_jitter, cfg.blur_prob)
     t_start = time.time()
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    amp = cpu_autocast(cfg.bf16)
 
     def out_of_time() -> bool:
         return cfg.max_minutes > 0 and time.time() - t_start > cfg.max_minutes * 60

@@ -193,6 +193,7 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     view = json.loads((run / "view.json").read_text())
     assert info["view"] == view["view"] and view["n_cells"] == 6 and len(view["table"]) == 8  # the cal split
     ck = _torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert len({row[3] for row in ck["state"]["log"]}) == 6  # the logit scale is learnt (logit_scale = 0)
     assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 3 / 4))))
     assert view["steps"] == 6
     # a run stopped by its time budget writes its checkpoint but neither a view nor a report; finished later,

@@ -163,7 +163,7 @@ def test_heads_and_a_narrow_width_together_are_refused(tmp_path):
 
 
 def test_distill_a_multi_head_student_end_to_end_and_bundle_it(tmp_path):
-    """`distill` with student_heads on a tiny teacher: imitation, KL stage, view, distill.json; the bundle built
+    """`distill` with student_heads on a tiny teacher: imitation, KL stage (logit scale held), view, distill.json; the bundle built
     from it records 2 passes per cell and its ONNX engine runs in ONNX Runtime with the PyTorch engine's output."""
     from conftest import save_tiny_teacher
     from edge.backends import load_backend
@@ -182,11 +182,14 @@ def test_distill_a_multi_head_student_end_to_end_and_bundle_it(tmp_path):
     np.savez(tdir / "splits.npz", train=np.arange(0, 16), val=np.arange(16, 24), cal=np.arange(24, 30))
     cfg = DistillConfig(teacher_dir=str(tdir), run_dir=str(tmp_path / "run"), cache=str(tmp_path / "cache.npz"),
                         grid=(200, 600), search_seeds=1, search_cells=8, target_cells=0, steps=4, batch=4,
-                        init_steps=4, init_batch=2, threads=1, augment=True, student_heads=True, imitate_weight=1.0)
+                        init_steps=4, init_batch=2, threads=1, augment=True, student_heads=True, imitate_weight=1.0,
+                        logit_scale=50.0)
     run = distill(cfg, progress=False)
     log = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)["state"]["log"]
     assert len(log) == 4 and all(row[4] > 0 for row in log)  # the imitation term was on
+    assert [row[3] for row in log] == pytest.approx([50.0] * 4)  # the logit scale was held, not learnt
     info = json.loads((run / "distill.json").read_text())
+    assert info["logit_scale"] == pytest.approx(50.0)
     assert info["student_heads"] is True and info["passes_per_cell"] == 2 and info["evals_per_cell"] == 16
     assert (run / "student_init.safetensors").exists()
     unet, info = load_student(teacher, run)
