@@ -156,7 +156,7 @@ def build_bundle(out_dir: str | Path, model, unet, *, timesteps: list[int], nois
             # TensorRT builds only symmetric int8 Q/DQ with float biases; on this CPU that flavour is slower and
             # agrees less with FP32 than uint8 activations, so it ships beside the ONNX Runtime one, for GPUs.
             quant["tensorrt"] = quantize_int8(fp32, tmp / "engine_int8_symmetric.onnx", np.ascontiguousarray(calib_cells),
-                                              int8_preset, symmetric=True)
+                                              int8_preset, symmetric=True, reduce_range=False)
             files["engine_int8_symmetric.onnx"] = tmp / "engine_int8_symmetric.onnx"
             say("wrote engine_int8_symmetric.onnx (the INT8 source for TensorRT plans)")
         cal_name = None

@@ -73,3 +73,45 @@ def test_cell_reader_feeds_batches_and_rewinds():
     assert len(reader.get_next()["cells"]) == 2
     with pytest.raises(ValueError, match="uint8"):
         CellReader(random_cells(2).astype(np.float32))
+
+
+def test_onnx_runtime_int8_weights_are_7_bit_and_the_tensorrt_ones_8_bit(tiny_bundle, int8_model):
+    """No weight of the ONNX Runtime model leaves [-64, 64] (7 bits: x86 without VNNI cannot saturate); the
+    symmetric model for TensorRT keeps the full int8 range; the manifest says which is which."""
+    def weight_range(model):
+        return max(int(np.abs(onnx.numpy_helper.to_array(t)).max()) for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4)
+    assert weight_range(int8_model) <= 64
+    assert weight_range(onnx.load(str(tiny_bundle / "engine_int8_symmetric.onnx"))) == 127
+    q = load_bundle(tiny_bundle).manifest["quantization"]
+    assert q["weight_type"] == "int7 per-channel (reduce_range)" and q["tensorrt"]["weight_type"] == "int8 per-channel"
+
+
+def test_cpu_vnni_is_read_from_the_cpu_flags(tmp_path):
+    import platform
+
+    from edge.backends.onnxruntime import cpu_has_vnni
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"VNNI is an x86 flag; this machine is {platform.machine()}")
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n")
+    assert cpu_has_vnni(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_has_vnni(str(info)) is False
+    assert cpu_has_vnni(str(tmp_path / "absent")) is None
+
+
+def test_an_8_bit_weight_int8_engine_is_refused_on_a_cpu_without_vnni(tiny_bundle):
+    """The refusal names the way out; 7-bit weights, a VNNI CPU or an unknown CPU are let through."""
+    from types import SimpleNamespace
+
+    from edge.backends.onnxruntime import check_int8_weights
+    from edge.errors import BackendError
+
+    old = SimpleNamespace(root=tiny_bundle, manifest={"quantization": {"weight_type": "int8 per-channel"}})
+    with pytest.raises(BackendError, match="8-bit weights, which saturate.*--precision fp32.*7-bit"):
+        check_int8_weights(old, vnni=False)
+    check_int8_weights(old, vnni=True)
+    check_int8_weights(old, vnni=None)
+    check_int8_weights(load_bundle(tiny_bundle), vnni=False)  # 7-bit weights run everywhere

@@ -283,13 +283,15 @@ def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict, idx) -> di
 
 def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[str, dict]:
     """Measure INT8 against FP32 (ONNX Runtime, this CPU) on validation cells: label agreement and cells/s at
-    batch 32 (alternating runs, medians). INT8 is chosen when agreement >= cfg.min_int8_agreement and it is faster."""
+    batch 32 (alternating runs, medians). INT8 is chosen when agreement >= cfg.min_int8_agreement and it is faster.
+    Both depend on the CPU (VNNI or not, export.quantize), so the result records whether this one has VNNI."""
     import time
 
     import numpy as np
 
     from calibration.calibset import stratified_sample
     from edge.backends import load_backend
+    from edge.backends.onnxruntime import cpu_has_vnni
     from edge.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -316,7 +318,7 @@ def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[
               f"({'>=' if keep else '<'} {100 * cfg.min_int8_agreement:g}%); {cps['int8']:.1f} vs {cps['fp32']:.1f} cells/s")
     _say(f"default precision {chosen}: {reason}")
     return chosen, {"agreement": agreement, "n_cells": int(len(cells)), "cells_per_s": cps, "chosen": chosen,
-                    "reason": reason, "min_agreement": cfg.min_int8_agreement}
+                    "reason": reason, "min_agreement": cfg.min_int8_agreement, "cpu_vnni": cpu_has_vnni()}
 
 
 def run(args: argparse.Namespace) -> int:
