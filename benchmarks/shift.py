@@ -105,6 +105,17 @@ def flag_rates(bundle_dir: str, cells: dict[str, np.ndarray], truth: np.ndarray,
     return rows
 
 
+def summarise(rows: dict[str, dict]) -> dict:
+    """Over the perturbations (not "none"): mean and worst abnormal rate, and the mean share of labels kept."""
+    alt = {n: r for n, r in rows.items() if n != "none"}
+    if not alt:
+        return {"perturbations": 0}
+    worst = max(alt, key=lambda n: alt[n]["abnormal"])
+    return {"perturbations": len(alt), "mean_abnormal": float(np.mean([r["abnormal"] for r in alt.values()])),
+            "worst_abnormal": alt[worst]["abnormal"], "worst": worst,
+            "mean_label_kept": float(np.mean([r["label_kept"] for r in alt.values()]))}
+
+
 def plot(results: dict[str, dict[str, dict]], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -151,15 +162,20 @@ def main() -> int:
         ap.error(f"bundles take different crop sizes {sorted(sizes)}; compare bundles of one input spec")
     cells = perturbed_cells(paths, sizes.pop(), names)
     results = {b: flag_rates(b, cells, truth) for b in args.bundle}
+    summary = {b: summarise(rows) for b, rows in results.items()}
     for b, rows in results.items():
         print(f"\n{b} ({len(truth)} {args.split} cells)")
         print(f"{'perturbation':30s} {'acc':>6s} {'kept':>6s} {'accept':>7s} {'review':>7s} {'abnorm':>7s} {'med.anom':>9s}")
         for n, r in rows.items():
             print(f"{n:30s} {100 * r['accuracy']:6.1f} {100 * r['label_kept']:6.1f} {100 * r['accepted']:7.1f} "
                   f"{100 * r['review']:7.1f} {100 * r['abnormal']:7.1f} {r['median_anomaly']:9.2f}")
+        sm = summary[b]
+        print(f"over the {sm['perturbations']} perturbations: abnormal {100 * sm['mean_abnormal']:.1f}% on average, "
+              f"{100 * sm['worst_abnormal']:.1f}% at worst ({sm['worst']}); label kept {100 * sm['mean_label_kept']:.1f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"cells": len(truth), "split": args.split, "results": results}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"cells": len(truth), "split": args.split, "summary": summary,
+                                                     "results": results}, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0

@@ -42,3 +42,12 @@ def test_flag_rates_match_the_bundle_decision_on_real_cells(pbc_dir, tiny_bundle
     assert rows["darker 10%"]["accuracy"] == pytest.approx(np.mean([bundle.classes.index(d.label) == t for d, t in zip(dec, truth)]))
     for r in rows.values():
         assert r["accepted"] + r["review"] + r["abnormal"] == pytest.approx(1.0)
+
+
+def test_summary_averages_the_perturbations_and_names_the_worst():
+    shift = load_benchmark("shift")
+    row = lambda ab, kept: {"abnormal": ab, "label_kept": kept}  # noqa: E731
+    s = shift.summarise({"none": row(0.02, 1.0), "a": row(0.10, 0.9), "b": row(0.30, 0.8)})
+    assert s["perturbations"] == 2 and s["worst"] == "b" and s["worst_abnormal"] == 0.30
+    assert s["mean_abnormal"] == pytest.approx(0.20) and s["mean_label_kept"] == pytest.approx(0.85)
+    assert shift.summarise({"none": row(0.02, 1.0)}) == {"perturbations": 0}
