@@ -226,15 +226,20 @@ def staged_folder(out: Path) -> Iterator[Path]:
         raise
 
 
-def update_bundle_file(bundle_dir: str | Path, name: str, data: bytes) -> str:
+def update_bundle_file(bundle_dir: str | Path, name: str, data: bytes, manifest_updates: dict | None = None) -> str:
     """Replace (or add) the file ``name`` in a bundle with ``data``, atomically, and record its size and sha256
     and the new bundle_id in manifest.json (also written atomically). Other files are not re-hashed, so an
     altered file elsewhere still fails the next load. Adding "calibration.json" makes it the bundle's
-    calibration. Returns the new bundle_id."""
+    calibration. ``manifest_updates``: top-level manifest entries that describe the new file (e.g. its
+    "quantization"), replaced in the same write. Returns the new bundle_id."""
     root = Path(bundle_dir)
     m = _read_manifest(root)
     if Path(name).is_absolute() or ".." in Path(name).parts or Path(name).name == MANIFEST:
         raise BundleError(f"{root}: cannot update {name!r} (must be a file name inside the bundle, not the manifest)")
+    fixed = sorted({"format", "files", "bundle_id"} & set(manifest_updates or {}))
+    if fixed:
+        raise BundleError(f"{root}: manifest entries {fixed} follow from the files and cannot be set")
+    m.update(manifest_updates or {})
     target = root / name
     target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(target, data)

@@ -75,3 +75,61 @@ def test_export_bundle_refuses_calibration_on_a_training_split_before_building(r
                  "--out", str(out)]) == 2
     assert "cannot calibrate on split(s) train" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "bundle.partial").exists()
+
+
+def test_export_int8_bundle_requantizes_in_place_with_7_bit_weights(run_dirs, tmp_path, capsys):
+    """A bundle whose INT8 engine has 8-bit weights (made here by quantizing without reduce_range, as bundles were
+    before) gets a 7-bit one: new hash and bundle id, quantization and the INT8 measurement recorded, FP32 engine,
+    calibration set and default precision untouched; then it loads on any CPU."""
+    from edge.backends import load_backend
+    from edge.bundle import file_sha256, update_bundle_file
+    from export.quantize import quantize_int8
+
+    out = tmp_path / "bundle"
+    assert main(["export", "bundle", "--teacher", str(run_dirs["teacher"]), "--cache", str(run_dirs["cache"]),
+                 "--timesteps", "100,500", "--noise-seed", "3", "--calib-cells", "16", "--precisions", "fp32,int8",
+                 "--default-precision", "fp32", "--no-calibrate", "--out", str(out)]) == 0
+    old8 = tmp_path / "old8.onnx"
+    summary = quantize_int8(out / "engine_fp32.onnx", old8, random_cells(16), reduce_range=False)
+    before = load_bundle(out).manifest
+    update_bundle_file(out, "engine_int8.onnx", old8.read_bytes(),
+                       {"quantization": {**before["quantization"], "weight_type": summary["weight_type"]}})
+    old = load_bundle(out).manifest
+    assert old["quantization"]["weight_type"] == "int8 per-channel"
+    capsys.readouterr()
+    assert main(["export", "int8", "--bundle", str(out), "--teacher", str(run_dirs["teacher"]),
+                 "--cache", str(run_dirs["cache"]), "--calib-cells", "16"]) == 0
+    b = load_bundle(out)
+    m = b.manifest
+    assert m["quantization"]["weight_type"] == "int7 per-channel (reduce_range)"
+    assert m["quantization"]["tensorrt"] == old["quantization"]["tensorrt"]
+    assert m["quantization"]["calibset_sha256"] == old["quantization"]["calibset_sha256"]  # the same 16 cells
+    assert m["files"]["engine_int8.onnx"]["sha256"] == file_sha256(out / "engine_int8.onnx") != old["files"]["engine_int8.onnx"]["sha256"]
+    assert m["files"]["engine_fp32.onnx"] == old["files"]["engine_fp32.onnx"] and m["bundle_id"] != old["bundle_id"]
+    assert b.precision == "fp32" and "default precision kept: fp32" in m["metrics"]["int8_vs_fp32"]["reason"]
+    assert "cpu_vnni" in m["metrics"]["int8_vs_fp32"]
+    assert load_backend("onnxruntime", b, "int8").infer(random_cells(2))["logits"].shape == (2, 8)
+    assert "re-quantized (int7 per-channel (reduce_range))" in capsys.readouterr().err
+
+
+def test_export_int8_options_are_checked(run_dirs, tmp_path, capsys):
+    t = ["--teacher", str(run_dirs["teacher"]), "--cache", str(run_dirs["cache"])]
+    assert main(["export", "int8", "--onnx", str(tmp_path / "a.onnx"), *t]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["export", "int8", "--bundle", str(tmp_path), "--out", str(tmp_path / "x.onnx"), *t]) == 2
+    assert "drop --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "int8", "--onnx", "a.onnx", "--bundle", "b", "--out", "x.onnx", *t])
+
+
+def test_update_bundle_file_refuses_manifest_entries_that_follow_from_the_files(tiny_bundle, tmp_path):
+    import shutil
+
+    from edge.bundle import update_bundle_file
+    from edge.errors import BundleError
+
+    work = tmp_path / "b"
+    shutil.copytree(tiny_bundle, work)
+    with pytest.raises(BundleError, match="bundle_id.*cannot be set"):
+        update_bundle_file(work, "notes.txt", b"x", {"bundle_id": "0" * 12})
+    assert not (work / "notes.txt").exists()

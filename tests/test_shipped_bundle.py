@@ -36,7 +36,7 @@ def test_engine_classifies_real_cells(shipped, pbc_cells):
     acc = np.mean(fp32["logits"].argmax(1) == labels)
     agree = np.mean(fp32["logits"].argmax(1) == int8["logits"].argmax(1))
     assert acc >= 0.6, f"FP32 engine accuracy {acc:.2f} on {len(labels)} real cells"
-    assert agree >= 0.7, f"INT8 vs FP32 agreement {agree:.2f}"
+    assert agree >= 0.85, f"INT8 vs FP32 agreement {agree:.2f}"  # 97.5% of validation (7-bit weights, any x86)
     assert np.isfinite(fp32["errors"]).all() and np.isfinite(fp32["anomaly"]).all()
 
 

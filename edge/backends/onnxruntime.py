@@ -41,8 +41,8 @@ def check_int8_weights(bundle, vnni: bool | None) -> None:
     if weights == FULL_RANGE_INT8_WEIGHTS and vnni is False:
         raise BackendError(
             f"{bundle.root}: its INT8 engine has 8-bit weights, which saturate in ONNX Runtime on this CPU (x86 "
-            "without VNNI) and change labels; run --precision fp32, or rebuild the bundle with `cytoedge export "
-            "bundle` (7-bit weights)")
+            "without VNNI) and change labels; run --precision fp32, or re-quantize it with 7-bit weights: "
+            "`cytoedge export int8 --bundle DIR --teacher TEACHER`")
 
 _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 
