@@ -1,5 +1,6 @@
-"""The checkpoints kept in git (export/checkpoints/teacherD, teacherE, teacher_loco, and E's multi-head student
-student_heads): their manifests' hashes hold, the multi-head student classifies real cells in 2 passes per cell,
+"""The checkpoints kept in git (export/checkpoints/teacherD, teacherE, teacher_loco, and E's multi-head students
+student_heads and student_heads_scale314): their manifests' hashes hold, the multi-head students classify real
+cells in 2 passes per cell,
 the leave-one-class-out teacher knows every class but erythroblast, E is D
 trained on (same autoencoder, more steps) and is the shipped bundle's teacher, the cached teacher stages of each cover every
 training and validation cell, so that distillation from it skips the teacher's 20 core-minutes, and
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / "export" / "checkpoints"
 CKPT = ROOT / "teacherD"
 
 
-@pytest.mark.parametrize("name", ["teacherD", "teacherE", "teacher_loco", "student_heads"])
+@pytest.mark.parametrize("name", ["teacherD", "teacherE", "teacher_loco", "student_heads", "student_heads_scale314"])
 def test_manifest_lists_every_file_with_its_hash(name):
     folder = ROOT / name
     man = json.loads((folder / "manifest.json").read_text())
@@ -132,15 +133,18 @@ def test_export_checkpoint_refuses_a_stage_with_cells_missing(tmp_path, pbc_dir,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_the_multi_head_student_of_e_classifies_real_cells_in_two_passes(pbc_cells):
+@pytest.mark.parametrize("name, steps, view, scale", [("student_heads", 12000, "flip_h", None),
+                                                       ("student_heads_scale314", 8000, "rot270+flip_w", 314.0)])
+def test_the_multi_head_students_of_e_classify_real_cells_in_two_passes(pbc_cells, name, steps, view, scale):
     from export.engine import VIEWS, build_engine, load_student
     from export.models import MultiHeadDenoiser
 
     e = load_teacher(ROOT / "teacherE")
-    unet, info = load_student(e, ROOT / "student_heads")
-    assert isinstance(unet, MultiHeadDenoiser) and info["student_heads"] and info["steps"] == 12000
+    unet, info = load_student(e, ROOT / name)
+    assert isinstance(unet, MultiHeadDenoiser) and info["student_heads"] and info["steps"] == steps
+    assert info["config"].get("logit_scale", 0.0) == (scale or 0.0) and (scale is None or info["logit_scale"] == pytest.approx(scale))
     eng = build_engine(e, unet, info["timesteps"], info["noise_seed"], view=info["view"])
-    assert (eng.passes_per_cell, eng.evals_per_cell, VIEWS[eng.view]) == (2, 16, "flip_h")
+    assert (eng.passes_per_cell, eng.evals_per_cell, VIEWS[eng.view]) == (2, 16, view)
     cells, labels = pbc_cells
     with torch.no_grad():
         pred = eng.class_errors(torch.from_numpy(cells)).argmin(1).numpy()
