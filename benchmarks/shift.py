@@ -32,6 +32,7 @@ from edge.bundle import load_bundle  # noqa: E402
 from edge.imageio import read_image  # noqa: E402
 from edge.postprocess import STATES, decide  # noqa: E402
 from edge.preprocess import normalise_cell  # noqa: E402
+from edge.progress import Progress  # noqa: E402
 
 
 def _gain(rgb: np.ndarray, g: tuple[float, float, float]) -> np.ndarray:
@@ -79,13 +80,13 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
 
 def perturbed_cells(paths: list[Path], crop_size: int, names: list[str]) -> dict[str, np.ndarray]:
     """Image files -> {perturbation: uint8 [N, 3, S, S] normalised cells}."""
-    from tqdm import tqdm
-
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i, p in enumerate(tqdm(paths, desc="perturb", unit="img")):
+    bar = Progress(len(paths), "perturb")
+    for i, p in enumerate(paths):
         rgb = read_image(p)
         for n in names:
             out[n].append(normalise_cell(PERTURBATIONS[n](rgb, i), crop_size).crop.transpose(2, 0, 1))
+        bar.update()
     return {n: np.stack(v) for n, v in out.items()}
 
 
