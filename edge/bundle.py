@@ -92,7 +92,7 @@ def compute_bundle_id(files: dict) -> str:
 def _read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not root.is_dir():
-        raise BundleError(f"{root}: bundle folder not found")
+        raise BundleError(f"{root}: bundle folder not found (packaged bundles: {', '.join(packaged_bundles()) or 'none'})")
     if not path.is_file():
         raise BundleError(f"{path}: manifest missing (not a model bundle)")
     try:
@@ -130,9 +130,28 @@ def _check_file(root: Path, name: str, entry: dict) -> None:
                           f"{str(entry.get('sha256'))[:12]}... (the file was altered)")
 
 
+def packaged_bundles() -> list[str]:
+    """Names of the bundles shipped in the package (folders of edge/models with a manifest): "conditional" (the
+    16-pass conditional engine shipped until session 14) and "default" (the 2-pass multi-head engine)."""
+    models = default_bundle_dir().parent
+    return sorted(p.name for p in models.iterdir() if (p / MANIFEST).is_file()) if models.is_dir() else []
+
+
+def resolve_bundle_dir(path: str | Path | None = None) -> Path:
+    """A bundle folder, or the name of a packaged bundle ("conditional" = edge/models/conditional) where no such
+    folder exists here; None = the default bundle."""
+    if path is None:
+        return default_bundle_dir()
+    root = Path(path)
+    if not root.exists() and str(path) in packaged_bundles():
+        return default_bundle_dir().parent / str(path)
+    return root
+
+
 def load_bundle(path: str | Path | None = None) -> Bundle:
-    """Verify and load the bundle at ``path`` (None = the default bundle shipped in the package)."""
-    root = Path(path) if path is not None else default_bundle_dir()
+    """Verify and load the bundle at ``path``: a folder, or a packaged bundle's name (``packaged_bundles``);
+    None = the default bundle shipped in the package."""
+    root = resolve_bundle_dir(path)
     m = _read_manifest(root)
     files = m["files"]
     if not isinstance(files, dict):

@@ -8,7 +8,7 @@ discs with a central pallor, overlaps darker, on a cream, unevenly lit backgroun
 cells sampled from the teacher (``export.generate.sample_cells``, 64x64 crops normalised like
 ``edge.preprocess``: the nucleus group spans ``NUCLEUS_FILL`` of the crop) matted out of their crop and
 scaled so that their nucleus has its physical size next to 7.5 um red cells (sizes measured on PBC, below;
-with ``--oversample k`` each placed cell is the most typical of k teacher draws, as the shipped engine judges
+with ``--oversample k`` (default 24) each placed cell is the most typical of k teacher draws, as the shipped engine judges
 it after the daemon's own detection and cropping in a small test field: poor draws are not the runtime's
 fault), and a few deliberately odd cells the model has never seen (a blast-like cell: very large, huge pale
 nucleus with nucleoli, thin blue rim; a smudge cell: ragged bare nuclear material). Each *field* is a canvas
@@ -48,7 +48,9 @@ ODD_KINDS = ("blast", "smudge")
 # exaggerated that far leave the engine's error profile of real eosinophils and are flagged abnormal (24 raw
 # draws at guidance 3: all abnormal; at 1: 6 of 24 abnormal; at 0: 4), while lymphocytes, monocytes, igs and
 # basophils composed into fields keep their class more often at 3 than at 1 (54/46/71/77% vs 27/25/71/25%).
-CLASS_GUIDANCE = {"eosinophil": 1.0}
+# Basophils the other way (session 15): the 2-pass engine reads the teacher's basophils as basophils in 3 of 24
+# raw draws composed at guidance 3, in 9 of 24 at 5 (the 16-pass engine: 20 and 23), so they are drawn at 5.
+CLASS_GUIDANCE = {"eosinophil": 1.0, "basophil": 5.0}
 MIN_CANDIDATES = 12  # teacher draws per class at least, when picking typical cells
 # Per field: the white cells placed (teacher or placeholder) and the odd ones (procedural). A normal
 # differential (neutrophils ~50%, lymphocytes ~25%, monocytes, one eosinophil and basophil) plus the cells
@@ -285,12 +287,21 @@ def pick_typical(sample, bundle_dir: str | None, oversample: int, cfg: "DemoFram
     return wrapped, bundle.bundle_id
 
 
+# How much of a crop's surroundings the matte keeps, in cell radii. The engines read a cell with its context: matted
+# to the cell's own disc (1.0), 24 real PBC monocytes composed into fields and cropped by the daemon's path kept
+# their class 8 times in 24 and were flagged abnormal 20 times by the shipped 2-pass engine (13 and 6 by the 16-pass
+# engine, edge/models/conditional; as raw crops 21 and 0 for both). At 1.6: 19 and 3 (21 and 1); neutrophils 4 and
+# lymphocytes 3 flagged in 24 by either (session 15, docs/results.md).
+MATTE_CONTEXT = 1.6
+
+
 def matte_cell(crop: np.ndarray, label: str) -> np.ndarray:
-    """uint8 [S, S, 3] normalised crop -> float32 alpha [S, S]: the centred cell, soft-edged; pixels that look
-    like the crop's own background (its border colour) inside the cell disc are faded out."""
+    """uint8 [S, S, 3] normalised crop -> float32 alpha [S, S]: the centred cell with a ring of the crop's own
+    surroundings (MATTE_CONTEXT x the cell's radius, at most the inscribed disc), soft-edged; pixels that look like
+    the crop's own background (its border colour) are faded out, so the field's background shows through."""
     s = crop.shape[0]
     cell_um, nuc_um = CELL_UM[label]
-    rc = NUCLEUS_FILL * s / 2 * cell_um / nuc_um
+    rc = min(MATTE_CONTEXT * NUCLEUS_FILL * s / 2 * cell_um / nuc_um, s / 2 - 1.0)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     disc = 1 - _smoothstep(rc - 3.0, rc + 0.5, np.hypot(xx - s / 2, yy - s / 2))
     f = crop.astype(np.float32)
@@ -305,11 +316,13 @@ def matte_cell(crop: np.ndarray, label: str) -> np.ndarray:
 
 def _place(n_cells: list[tuple[str, float]], view: tuple[float, float, float, float], rng: np.random.Generator,
            taken: list[tuple[float, float, float]]) -> list[tuple[str, float, float, float]]:
-    """Non-overlapping centres for (label, radius px) inside ``view`` (x0, y0, x1, y1)."""
+    """Non-overlapping centres for (label, radius px) inside ``view`` (x0, y0, x1, y1), each at least its matte's
+    reach (MATTE_CONTEXT radii) from the view's edge, so the detector never finds the cell cut by the frame."""
     out = []
     for label, r in n_cells:
+        m = MATTE_CONTEXT * r
         for _ in range(400):
-            x, y = rng.uniform(view[0] + r, view[2] - r), rng.uniform(view[1] + r, view[3] - r)
+            x, y = rng.uniform(view[0] + m, view[2] - m), rng.uniform(view[1] + m, view[3] - m)
             if all(np.hypot(x - a, y - b) > r + rr + 12 for a, b, rr in taken):
                 break
         taken.append((x, y, r))
@@ -336,7 +349,7 @@ def render_field(labels: tuple[str, ...], crops: dict[str, list[np.ndarray]], so
     s = cfg.px_per_um
     sizes = [(lab, (20.0 if lab == "blast" else 14.0 if lab == "smudge" else CELL_UM[lab][0]) * s / 2) for lab in labels]
     if centred:
-        c, r = offsets[0] + (cfg.width / 2, cfg.height / 2), max(r for _, r in sizes) + 0.5
+        c, r = offsets[0] + (cfg.width / 2, cfg.height / 2), MATTE_CONTEXT * max(r for _, r in sizes) + 0.5
         view = (c[0] - r, c[1] - r, c[0] + r, c[1] + r)
     taken: list[tuple[float, float, float]] = []
     spots = _place(sizes, view, rng, taken)
@@ -449,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-guidance", action="append", default=None, metavar="CLASS=G",
                    help="guidance for one class instead of --guidance (repeatable; default: "
                    + ", ".join(f"{k}={v:g}" for k, v in CLASS_GUIDANCE.items()) + ")")
-    p.add_argument("--oversample", type=int, default=6, help="draw this many teacher samples per placed cell and keep the "
+    p.add_argument("--oversample", type=int, default=24, help="draw this many teacher samples per placed cell and keep the "
                    "one the bundle's engine finds most typical of its class (1 = keep every draw)")
     p.add_argument("--bundle", default=None, help="bundle that picks the typical samples (default: the shipped one)")
     args = p.parse_args(argv)

@@ -20,7 +20,11 @@ anomaly score (everything after the denoiser's last convolution) is always float
 near-equal numbers loses it. Keeping the end convolutions float too ("tail+ends": encoder, conv_in, conv_out)
 moved agreement only from 87.5% to 88.3% at a cost in speed; keeping all 21 up-path convolutions float reached
 94% but leaves little to gain. Calibration method (MinMax, Entropy, Percentile 99.99) made no difference, so
-MinMax (fastest) is the default. ``benchmarks/engine.py`` measures agreement and speed of the shipped engine;
+MinMax (fastest) is the default. The multi-head engine (2 denoiser passes per cell, H4b; session 15, all 1,367
+validation cells, 7-bit weights, AVX2 CPU) is different: "tail" 98.02% (27 flips), "tail+out" 99.12%,
+"tail+ends" **99.49%** (7 flips), and still 12-30% faster than FP32, so its bundle is exported with
+``--int8-preset tail+ends`` (configs/export.toml); on the 16-pass conditional engine "tail+ends" gave 97.44%
+against 97.51% for "tail". Percentile calibration (98.46%) and 1,024 calibration cells (98.54%) did less. ``benchmarks/engine.py`` measures agreement and speed of the shipped engine;
 ``cytoedge export bundle`` ships INT8 as the default precision only when it keeps agreement and is faster.
 
 Weights are 7-bit (``reduce_range``) by default. On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI: older

@@ -202,3 +202,21 @@ def test_tensorrt_backend_without_tensorrt_is_a_chained_backend_error(tiny_bundl
 def test_default_bundle_dir_is_inside_the_package():
     d = default_bundle_dir()
     assert d.parts[-3:] == ("edge", "models", "default")
+
+
+def test_packaged_bundle_names_resolve_unless_a_folder_of_that_name_exists(bundle_dir, tmp_path, monkeypatch):
+    from edge.bundle import packaged_bundles, resolve_bundle_dir
+
+    names = packaged_bundles()
+    if "conditional" not in names:
+        pytest.skip("no conditional bundle in edge/models")
+    assert "default" in names
+    monkeypatch.chdir(tmp_path)
+    assert resolve_bundle_dir("conditional") == default_bundle_dir().parent / "conditional"
+    assert resolve_bundle_dir(None) == default_bundle_dir()
+    (tmp_path / "conditional").mkdir()  # a folder here wins over the packaged name
+    assert resolve_bundle_dir("conditional") == Path("conditional")
+    with pytest.raises(BundleError, match="manifest missing"):
+        load_bundle("conditional")
+    with pytest.raises(BundleError, match=r"bundle folder not found \(packaged bundles: conditional, default"):
+        load_bundle("quick")

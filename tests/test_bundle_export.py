@@ -92,6 +92,8 @@ def test_export_int8_bundle_requantizes_in_place_with_7_bit_weights(run_dirs, tm
     old8 = tmp_path / "old8.onnx"
     summary = quantize_int8(out / "engine_fp32.onnx", old8, random_cells(16), reduce_range=False)
     before = load_bundle(out).manifest
+    measured = before["metrics"]["int8_vs_fp32"]  # measured even when the config sets the precision
+    assert measured["chosen"] == "fp32" and "set by the config: fp32" in measured["reason"] and measured["n_cells"] == 16
     update_bundle_file(out, "engine_int8.onnx", old8.read_bytes(),
                        {"quantization": {**before["quantization"], "weight_type": summary["weight_type"]}})
     old = load_bundle(out).manifest

@@ -254,3 +254,23 @@ def test_demo_refuses_a_busy_port(tiny_bundle, tmp_path):
                             "--metrics-port", "-1", "--seconds", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert f"port {busy}" in r.stderr and "--port" in r.stderr and "busy" in r.stderr
+
+
+def test_matte_keeps_the_cells_surroundings_and_fades_the_crops_background():
+    """The matte keeps a ring of the crop's own context (MATTE_CONTEXT cell radii): a red cell just outside the
+    white cell stays, the crop's plain background and its corners go (the field's background shows there)."""
+    from edge.preprocess import NUCLEUS_FILL
+    from export.demo_frames import CELL_UM, MATTE_CONTEXT, matte_cell
+
+    s, label = 64, "neutrophil"
+    r_cell = NUCLEUS_FILL * s / 2 * CELL_UM[label][0] / CELL_UM[label][1]
+    yy, xx = np.mgrid[0:s, 0:s]
+    crop = np.full((s, s, 3), (253, 230, 205), np.uint8)
+    crop[np.hypot(xx - 32, yy - 32) < r_cell] = (120, 80, 170)  # the white cell
+    rx = 32 + 1.3 * r_cell  # a red cell beyond the cell's edge, inside the kept context
+    crop[np.hypot(xx - rx, yy - 32) < 3] = (200, 120, 130)
+    alpha = matte_cell(crop, label)
+    assert MATTE_CONTEXT > 1.3
+    assert alpha[32, 32] > 0.95 and alpha[32, int(round(rx))] > 0.6
+    assert alpha[32 - int(1.3 * r_cell), 32] < 0.05  # plain background at the same distance: faded
+    assert alpha[0, 0] == pytest.approx(0, abs=1e-3) and alpha[2, 32] < 0.05

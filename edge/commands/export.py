@@ -358,11 +358,11 @@ def run_int8(args: argparse.Namespace, cfg: ExportConfig) -> int:
         summary["calibset_sha256"] = crops_sha256(cells)
         if "tensorrt" in m.get("quantization", {}):
             summary["tensorrt"] = m["quantization"]["tensorrt"]
-        update_bundle_file(args.bundle, "engine_int8.onnx", (Path(tmp) / "int8.onnx").read_bytes(), {"quantization": summary})
-    _, choice = _choose_precision(cfg, Path(args.bundle), data)  # needs the new engine in the bundle
+        update_bundle_file(bundle.root, "engine_int8.onnx", (Path(tmp) / "int8.onnx").read_bytes(), {"quantization": summary})
+    _, choice = _choose_precision(cfg, bundle.root, data)  # needs the new engine in the bundle
     choice["reason"] += f"; default precision kept: {bundle.precision}"
     # the same bytes again: one atomic manifest write that adds the measurement
-    bundle_id = update_bundle_file(args.bundle, "engine_int8.onnx", bundle.engine_path("int8").read_bytes(),
+    bundle_id = update_bundle_file(bundle.root, "engine_int8.onnx", bundle.engine_path("int8").read_bytes(),
                                    {"metrics": {**m.get("metrics", {}), "int8_vs_fp32": choice}})
     _say(f"{args.bundle}: engine_int8.onnx re-quantized ({summary['weight_type']}), bundle {bundle_id}")
     print(args.bundle)
@@ -425,10 +425,15 @@ def run(args: argparse.Namespace) -> int:
                      default_precision="fp32" if cfg.default_precision == "auto" else cfg.default_precision,
                      int8_preset=cfg.int8_preset, teacher_files=teacher_files,
                      name=cfg.name, training_data=training_data, metrics=metrics, progress=_say)
-        if cfg.default_precision == "auto":
-            chosen, choice = _choose_precision(cfg, partial, data)
-            if choice:
-                metrics["int8_vs_fp32"] = choice
+        # INT8 vs FP32 is measured and recorded whenever both engines exist; it sets the precision only under auto
+        chosen, choice = _choose_precision(cfg, partial, data)
+        if choice and cfg.default_precision != "auto":
+            chosen = cfg.default_precision
+            choice["reason"] += f"; default precision set by the config: {chosen}"
+            _say(f"default precision {chosen} (set by the config)")
+        if choice:
+            metrics["int8_vs_fp32"] = {**choice, "chosen": chosen}
+        if choice or cfg.default_precision == "auto":
             set_manifest_fields(partial, precision=chosen, metrics=metrics)
         if cfg.calibrate:
             cal = _fit_calibration(cfg, partial, data, cal_idx)

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--frames", metavar="ENDPOINT", help=f"camera PUB endpoint (default {d.frames})")
     p.add_argument("--flags", metavar="ENDPOINT", help=f"daemon flags PUB endpoint (default {d.flags})")
     p.add_argument("--db", metavar="PATH", help="the daemon's database (default $STATE_DIRECTORY/cytoedge.db, else ./cytoedge.db)")
-    p.add_argument("--bundle", metavar="DIR", help="model bundle the daemon runs, for its class names (default: the shipped bundle)")
+    p.add_argument("--bundle", metavar="DIR", help="model bundle the daemon runs, for its class names (a folder or a packaged bundle: default, conditional)")
     p.add_argument("--frame-fps", type=float, help=f"frames per second sent to the page (default {d.frame_fps}; flags go at full rate)")
     p.add_argument("--target", type=int, help=f"default differential size in white cells, e.g. 100 or 200 (default {d.target})")
     p.add_argument("--export-reviewed", metavar="DIR", help="do not serve: write the reviewed cells as DIR/<class>/<cell>.png "
