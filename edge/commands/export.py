@@ -427,14 +427,14 @@ def run(args: argparse.Namespace) -> int:
                      name=cfg.name, training_data=training_data, metrics=metrics, progress=_say)
         # INT8 vs FP32 is measured and recorded whenever both engines exist; it sets the precision only under auto
         chosen, choice = _choose_precision(cfg, partial, data)
-        if choice and cfg.default_precision != "auto":
+        if cfg.default_precision != "auto":
             chosen = cfg.default_precision
-            choice["reason"] += f"; default precision set by the config: {chosen}"
-            _say(f"default precision {chosen} (set by the config)")
+            if choice:
+                choice["reason"] += f"; default precision set by the config: {chosen}"
+                _say(f"default precision {chosen} (set by the config)")
         if choice:
             metrics["int8_vs_fp32"] = {**choice, "chosen": chosen}
-        if choice or cfg.default_precision == "auto":
-            set_manifest_fields(partial, precision=chosen, metrics=metrics)
+        set_manifest_fields(partial, precision=chosen, metrics=metrics)
         if cfg.calibrate:
             cal = _fit_calibration(cfg, partial, data, cal_idx)
             update_bundle_file(partial, "calibration.json", (json.dumps(cal, indent=2, allow_nan=False) + "\n").encode())
