@@ -323,7 +323,7 @@ def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[
     chosen = "int8" if keep and cps["int8"] > cps["fp32"] else "fp32"
     reason = (f"INT8 agrees with FP32 on {100 * agreement:.1f}% of {len(cells)} validation cells "
               f"({'>=' if keep else '<'} {100 * cfg.min_int8_agreement:g}%); {cps['int8']:.1f} vs {cps['fp32']:.1f} cells/s")
-    _say(f"default precision {chosen}: {reason}")
+    _say(f"INT8 vs FP32: {reason}")
     return chosen, {"agreement": agreement, "n_cells": int(len(cells)), "cells_per_s": cps, "chosen": chosen,
                     "reason": reason, "min_agreement": cfg.min_int8_agreement, "cpu_vnni": cpu_has_vnni()}
 
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
             chosen = cfg.default_precision
             if choice:
                 choice["reason"] += f"; default precision set by the config: {chosen}"
-                _say(f"default precision {chosen} (set by the config)")
+        _say(f"default precision {chosen}" + ("" if cfg.default_precision == "auto" else " (set by the config)"))
         if choice:
             metrics["int8_vs_fp32"] = {**choice, "chosen": chosen}
         set_manifest_fields(partial, precision=chosen, metrics=metrics)
