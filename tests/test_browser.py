@@ -185,6 +185,10 @@ def test_confirm_and_reclassify_update_db_and_counts(monitor, demo_db, page, tmp
     second = page.locator("#queue .card").nth(0)
     cid2 = second.get_attribute("data-cell-id")
     second.locator("select.relabel").select_option("neutrophil")
+    # a queue refresh (a "review" event: new cells, another operator's decision) between picking and clicking
+    # must not reset the pick (it did: CI caught a reclassification sent with the menu's default label)
+    page.evaluate("loadReview()")
+    assert page.locator(f"#queue .card[data-cell-id='{cid2}'] select.relabel").input_value() == "neutrophil"
     second.locator("button.reclassify").click()
     page.wait_for_selector(f"#queue .card[data-cell-id='{cid2}']", state="detached")
     page.wait_for_function("Number(document.querySelector(\"#diff tr[data-class='neutrophil'] td.n\").textContent) === "

@@ -89,33 +89,51 @@ async function loadReview() {
 }
 
 function renderReview(cells) {
+  // The queue is re-rendered on every "review" event (new cells, new views of a cell, anyone's decision). A card
+  // whose cell did not change is kept as it is; a rebuilt card keeps the label the operator picked in its menu,
+  // so a refresh between picking and clicking Reclassify cannot change what is sent.
   const q = $("queue");
-  q.replaceChildren();
+  const shown = new Map([...q.children].map((card) => [card.dataset.cellId, card]));
   $("review-count").textContent = cells.length;
-  for (const c of cells) {
-    const select = el("select", { class: "relabel", "aria-label": "new label" });
-    for (const l of S.labels) {
-      const o = el("option", { value: l, text: l });
-      if (c.top.length > 1 && l === c.top[1][0]) o.selected = true;
-      select.append(o);
+  q.replaceChildren(...cells.map((c) => {
+    const old = shown.get(c.id);
+    if (old && old.dataset.sig === cardSig(c)) return old;
+    const card = reviewCard(c);
+    const picked = old && old.querySelector("select.relabel[data-touched]");
+    if (picked) {
+      const select = card.querySelector("select.relabel");
+      select.value = picked.value; select.dataset.touched = "1";
     }
-    const confirm = el("button", { class: "confirm", type: "button", text: `Confirm ${c.label}` });
-    const reclass = el("button", { class: "reclassify", type: "button", text: "Reclassify" });
-    confirm.onclick = () => decide(c, "confirm", null, card);
-    reclass.onclick = () => decide(c, "reclassify", select.value, card);
-    const img = c.has_crop ? el("img", { src: "/api/crop?id=" + encodeURIComponent(c.id), alt: "cell " + c.id, width: "128", height: "128" })
-      : el("div", { class: "nocrop", text: "no crop" });
-    const top = c.top.map(([k, p]) => `${k} ${(100 * p).toFixed(0)}%`).join(", ");
-    const card = el("div", { class: `card ${c.state}`, "data-cell-id": c.id },
-      img,
-      el("div", { class: "info" },
-        el("div", { class: "cid", text: `${c.id}` }),
-        el("div", { class: "state", text: c.state + (c.reason ? ` · ${c.reason}` : "") }),
-        el("div", { class: "top", text: top }),
-        el("div", { class: "anom", text: `anomaly ${c.anomaly.toPrecision(3)}` })),
-      el("div", { class: "actions" }, confirm, el("span", {}, select, reclass)));
-    q.append(card);
+    return card;
+  }));
+}
+
+const cardSig = (c) => [c.label, c.state, c.has_crop, ...c.top.map(([k, p]) => k + p.toFixed(3))].join("|");
+
+function reviewCard(c) {
+  const select = el("select", { class: "relabel", "aria-label": "new label" });
+  for (const l of S.labels) {
+    const o = el("option", { value: l, text: l });
+    if (c.top.length > 1 && l === c.top[1][0]) o.selected = true;
+    select.append(o);
   }
+  select.onchange = () => { select.dataset.touched = "1"; };
+  const confirm = el("button", { class: "confirm", type: "button", text: `Confirm ${c.label}` });
+  const reclass = el("button", { class: "reclassify", type: "button", text: "Reclassify" });
+  confirm.onclick = () => decide(c, "confirm", null, card);
+  reclass.onclick = () => decide(c, "reclassify", select.value, card);
+  const img = c.has_crop ? el("img", { src: "/api/crop?id=" + encodeURIComponent(c.id), alt: "cell " + c.id, width: "128", height: "128" })
+    : el("div", { class: "nocrop", text: "no crop" });
+  const top = c.top.map(([k, p]) => `${k} ${(100 * p).toFixed(0)}%`).join(", ");
+  const card = el("div", { class: `card ${c.state}`, "data-cell-id": c.id, "data-sig": cardSig(c) },
+    img,
+    el("div", { class: "info" },
+      el("div", { class: "cid", text: `${c.id}` }),
+      el("div", { class: "state", text: c.state + (c.reason ? ` · ${c.reason}` : "") }),
+      el("div", { class: "top", text: top }),
+      el("div", { class: "anom", text: `anomaly ${c.anomaly.toPrecision(3)}` })),
+    el("div", { class: "actions" }, confirm, el("span", {}, select, reclass)));
+  return card;
 }
 
 async function decide(cell, decision, label, card) {
