@@ -130,6 +130,11 @@ def _check_file(root: Path, name: str, entry: dict) -> None:
                           f"{str(entry.get('sha256'))[:12]}... (the file was altered)")
 
 
+# --help text of every command's --bundle option (the names are the folders of edge/models; see packaged_bundles)
+BUNDLE_HELP = ("model bundle folder, or a packaged bundle: default (2 denoiser passes per cell) or conditional "
+               "(16 passes; docs/results.md)")
+
+
 def packaged_bundles() -> list[str]:
     """Names of the bundles shipped in the package (folders of edge/models with a manifest): "conditional" (the
     16-pass conditional engine shipped until session 14) and "default" (the 2-pass multi-head engine)."""

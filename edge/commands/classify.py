@@ -5,6 +5,7 @@ import json
 import sys
 
 from edge.backends import BACKENDS
+from edge.bundle import BUNDLE_HELP
 
 
 def register(sub) -> None:
@@ -17,7 +18,7 @@ def register(sub) -> None:
                        "(denoiser evaluations used), cell_found (false = no nucleus found, the image centre was used). "
                        "An unreadable image gives a line with \"error\" and the run goes on; the exit status is 1 if any failed.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--bundle", help="model bundle folder, or a packaged bundle: default (2 denoiser passes per cell) or conditional (16 passes; docs/results.md)")
+    p.add_argument("--bundle", help=BUNDLE_HELP)
     p.add_argument("--teacher", action="store_true", help="run the full diffusion teacher instead of the engine (needs the export extra; slow)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="engine backend (default onnxruntime)")
     p.add_argument("--precision", choices=("fp32", "int8", "fp16"), help="engine precision (default: the bundle's)")

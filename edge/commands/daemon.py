@@ -5,6 +5,7 @@ import argparse
 import logging
 import signal
 
+from edge.bundle import BUNDLE_HELP
 from edge.config import load_config
 from edge.daemon import Daemon, DaemonConfig
 from edge.ops import setup_json_logging
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--frames", metavar="ENDPOINT", help=f"camera PUB endpoint to connect to (default {d.frames})")
     p.add_argument("--flags", metavar="ENDPOINT", help=f"endpoint to bind the flags PUB socket on (default {d.flags})")
     p.add_argument("--db", metavar="PATH", help="SQLite database (default $STATE_DIRECTORY/cytoedge.db, else ./cytoedge.db)")
-    p.add_argument("--bundle", metavar="DIR", help="model bundle folder, or a packaged bundle: default (2 denoiser passes per cell) or conditional (16 passes; docs/results.md)")
+    p.add_argument("--bundle", metavar="DIR", help=BUNDLE_HELP)
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help=f"inference backend (default {d.backend}; never falls back)")
     p.add_argument("--precision", help="backend precision, e.g. int8, fp16, fp32 (default: the bundle's)")
     p.add_argument("--metrics-host", help=f"address for /metrics and /healthz (default {d.metrics_host})")

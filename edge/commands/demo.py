@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from edge.bundle import BUNDLE_HELP
 from edge.errors import ConfigError, InputError
 from edge.monitor import DEFAULT_PORT
 from edge.protocol import DEFAULT_FLAGS_ENDPOINT, DEFAULT_FRAMES_ENDPOINT
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--fps", type=float, default=5.0, help="frames per second from the demo camera (default 5)")
     p.add_argument("--frames-dir", metavar="DIR", help="folder of smear frames to loop over (default: the bundled demo frames)")
     p.add_argument("--slide", default="DEMO-001", help="slide id stamped on the demo frames (default DEMO-001)")
-    p.add_argument("--bundle", metavar="DIR", help="model bundle folder, or a packaged bundle: default (2 denoiser passes per cell) or conditional (16 passes; docs/results.md)")
+    p.add_argument("--bundle", metavar="DIR", help=BUNDLE_HELP)
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="inference backend (default: the daemon's)")
     p.add_argument("--db", metavar="PATH", help="keep the database here (default: a temporary folder, removed at the end)")
     p.add_argument("--quiet", action="store_true", help="print the URL only, not the live flags")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge.bundle import BUNDLE_HELP
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample synthetic cells of one class (or all) from the diffusion teacher",
@@ -13,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--label", required=True, help="class name, e.g. neutrophil, or 'all'")
     p.add_argument("-n", type=int, default=16, help="number of cells (default 16)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--bundle", help="model bundle folder, or a packaged bundle: default (2 denoiser passes per cell) or conditional (16 passes; docs/results.md)")
+    p.add_argument("--bundle", help=BUNDLE_HELP)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--guidance", type=float, default=2.0,
