@@ -160,6 +160,13 @@ def run(args) -> dict:
     engine = build_engine(teacher, unet, bundle.timesteps, bundle.noise_seed,
                           bundle.manifest.get("timestep_weights"), bundle.manifest.get("logit_scale", 1.0),
                           VIEWS.index(bundle.view))
+    # a multi-head denoiser makes the K (class, timestep) evaluations of a timestep in one pass
+    passes = int(bundle.manifest.get("passes_per_cell", bundle.evals_per_cell))
+    if engine.passes_per_cell != passes:
+        who = f"--student {args.student}" if args.student else "the teacher's denoiser (no --student)"
+        raise SystemExit(f"{who} makes {engine.passes_per_cell} denoiser passes per cell, the bundle "
+                         f"{passes} ({bundle.manifest.get('denoiser', 'conditional')} denoiser): give --student, "
+                         "the student folder the bundle was exported from")
     c, s = teacher.cfg.latent_channels, teacher.cfg.latent_size
     flops_per_eval = count_flops(teacher.unet, torch.zeros(1, c, s, s), torch.tensor([500]),
                                  class_labels=torch.tensor([0]))
@@ -187,11 +194,6 @@ def run(args) -> dict:
                  "flops_per_cell": t_evals * flops_per_eval, "agreement": 1.0,
                  "balanced_accuracy": balanced_accuracy(t_label, truth[:nt]), "n_cells": nt})
 
-    # a multi-head denoiser makes the K (class, timestep) evaluations of a timestep in one pass
-    passes = int(bundle.manifest.get("passes_per_cell", bundle.evals_per_cell))
-    if engine.passes_per_cell != passes:
-        raise SystemExit(f"--student makes {engine.passes_per_cell} denoiser passes per cell, the bundle {passes}: "
-                         "give the student the bundle was exported from")
 
     def engine_row(name: str, infer, evals: int, flops: float) -> None:
         say(f"{name} ...")

@@ -27,3 +27,17 @@ def test_onnx_flops_match_the_pytorch_count_of_the_same_engine(tiny_bundle):
     # a narrower student costs less: the bundle rows must not borrow the PyTorch student's count
     narrow = build_engine(model, student_unet(model, [8, 8]).eval(), TINY_TIMESTEPS, TINY_NOISE_SEED)
     assert count_flops(narrow, cell) < 0.8 * got
+
+
+def test_a_multi_head_bundle_without_its_student_stops_before_the_teacher_is_timed(pbc_dir, capsys):
+    """The shipped bundle runs a multi-head student; benchmarks/engine.py given only the teacher would time a
+    16-pass engine against a 2-pass graph. It must say so at once, not after a minute of teacher timing."""
+    from engine import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as stop:
+        main(["--bundle", str(root / "edge/models/default"), "--teacher", str(root / "export/checkpoints/teacherE"),
+              "--data", str(pbc_dir), "--cells", "8", "--threads", "1"])
+    msg = str(stop.value.code)
+    assert "16 denoiser passes per cell, the bundle 2 (multi_head denoiser)" in msg and "--student" in msg
+    assert "teacher on" not in capsys.readouterr().err
