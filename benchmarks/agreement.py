@@ -151,14 +151,22 @@ def main(argv=None) -> int:
     if 0 in args.seeds or not args.seeds:
         ap.error("--seeds: give the extra runs' noise seeds, not 0 (run 0 is always included)")
 
+    from edge.errors import CytoEdgeError
     from export.train import load_cache
 
-    data = load_cache(args.cache)
-    with np.load(Path(args.teacher) / "splits.npz") as z:
-        val = z["val"]
-    runs = teacher_runs(args, data["crops"], val)
-    cells = np.ascontiguousarray(data["crops"][val].transpose(0, 3, 1, 2))
-    engines = {name or "default": bundle_labels(name, cells) for name in (args.bundle or [None])}
+    try:
+        data = load_cache(args.cache)
+        splits = Path(args.teacher) / "splits.npz"
+        if not splits.is_file():
+            raise CytoEdgeError(f"{splits} not found: --teacher must be a teacher folder (cytoedge train's --run-dir)")
+        with np.load(splits) as z:
+            val = z["val"]
+        runs = teacher_runs(args, data["crops"], val)
+        cells = np.ascontiguousarray(data["crops"][val].transpose(0, 3, 1, 2))
+        engines = {name or "default": bundle_labels(name, cells) for name in (args.bundle or [None])}
+    except CytoEdgeError as exc:
+        print(f"agreement.py: {exc}", file=sys.stderr)
+        return 2
     rep = report(runs, engines, data["labels"][val])
     rep["teacher"] = args.teacher
 

@@ -64,3 +64,5 @@ def test_agreement_benchmark_runs_the_teacher_and_a_bundle(tmp_path, tiny_bundle
     assert (tmp_path / "runs" / "teacher_val_seed1.npz").stat().st_mtime_ns == mtime
     with pytest.raises(SystemExit):
         mod.main(args[:2] + ["--seeds", "0,1"] + args[4:])
+    assert mod.main(["--teacher", str(tmp_path)] + args[2:]) == 2  # no splits.npz: a message, not a traceback
+    assert mod.main(args[:4] + ["--bundle", str(tmp_path / "nothing")] + args[6:]) == 2
