@@ -58,8 +58,9 @@ def teacher_runs(args, crops: np.ndarray, val: np.ndarray) -> dict[int, np.ndarr
     return out
 
 
-def bundle_labels(name: str, cells: np.ndarray) -> np.ndarray:
-    """The runtime's labels int [N] for uint8 [N, 3, S, S] cells: ONNX Runtime, calibrated probabilities."""
+def bundle_labels(name: str | None, cells: np.ndarray) -> tuple[str, np.ndarray]:
+    """("NAME (bundle id)", the runtime's labels int [N]) for uint8 [N, 3, S, S] cells: ONNX Runtime, calibrated
+    probabilities."""
     from outputs import engine_outputs
 
     from calibration.fit import calibrated_probs
@@ -68,7 +69,7 @@ def bundle_labels(name: str, cells: np.ndarray) -> np.ndarray:
 
     bundle = load_bundle(name)
     logits = engine_outputs(load_backend("onnxruntime", bundle), cells)["logits"]
-    return calibrated_probs(logits, bundle.calibration).argmax(1)
+    return f"{name or 'default'} ({bundle.bundle_id})", calibrated_probs(logits, bundle.calibration).argmax(1)
 
 
 def report(runs: dict[int, np.ndarray], engines: dict[str, np.ndarray], truth: np.ndarray) -> dict:
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
             val = z["val"]
         runs = teacher_runs(args, data["crops"], val)
         cells = np.ascontiguousarray(data["crops"][val].transpose(0, 3, 1, 2))
-        engines = {name or "default": bundle_labels(name, cells) for name in (args.bundle or [None])}
+        engines = dict(bundle_labels(name, cells) for name in (args.bundle or [None]))
     except CytoEdgeError as exc:
         print(f"agreement.py: {exc}", file=sys.stderr)
         return 2
