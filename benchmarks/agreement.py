@@ -3,7 +3,7 @@
 Issue 3's agreement target compares the engine's labels with ONE run of the teacher's full classification (run 0:
 noise seed 0, the cached ``teacher_val.npz``). That run is itself a noisy estimate (random timesteps and noise,
 pruning), so this script classifies the validation cells again with other noise seeds (``--seeds``; each run is
-cached in ``--runs-dir`` and reused, about 10 min per run of 1,367 cells on two cores) and reports, on the
+cached in ``--runs-dir`` and reused; 10-12 min per run of 1,367 cells on one core) and reports, on the
 validation split:
 
 - every teacher run: accuracy, balanced accuracy, agreement with run 0;

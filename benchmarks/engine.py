@@ -194,7 +194,6 @@ def run(args) -> dict:
                  "flops_per_cell": t_evals * flops_per_eval, "agreement": 1.0,
                  "balanced_accuracy": balanced_accuracy(t_label, truth[:nt]), "n_cells": nt})
 
-
     def engine_row(name: str, infer, evals: int, flops: float) -> None:
         say(f"{name} ...")
         # the runtime's label: argmax of the calibrated probabilities (temperature and class offsets)
