@@ -42,7 +42,7 @@ def teacher_runs(args, crops: np.ndarray, val: np.ndarray) -> dict[int, np.ndarr
     from export.distill import cached_teacher
     from export.teacher import load_teacher
 
-    runs_dir = Path(args.runs_dir)
+    runs_dir = Path(args.runs_dir or Path("runs/agreement") / Path(args.teacher).resolve().name)
     runs_dir.mkdir(parents=True, exist_ok=True)
     shipped = Path(args.teacher) / "teacher_val.npz"
     if shipped.exists() and not (runs_dir / "teacher_val.npz").exists():
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", action="append", default=[], help="bundle folder or packaged name (repeatable; "
                     "default: the shipped one)")
     ap.add_argument("--cache", default="runs/cache/pbc64.npz")
-    ap.add_argument("--runs-dir", default="runs/agreement/teacher_runs", help="where the teacher runs are cached")
+    ap.add_argument("--runs-dir", default=None, help="where the teacher runs are cached, one folder per teacher "
+                    "(the runs are keyed by cell only; default runs/agreement/<teacher folder name>)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/agreement", help="folder for agreement.json and agreement.png")
     args = ap.parse_args(argv)
