@@ -99,8 +99,10 @@ def test_export_int8_bundle_requantizes_in_place_with_7_bit_weights(run_dirs, tm
     old = load_bundle(out).manifest
     assert old["quantization"]["weight_type"] == "int8 per-channel"
     capsys.readouterr()
+    cfg = tmp_path / "sample.toml"
+    cfg.write_text("choice_cells = 8\n")  # INT8 measured on a stratified sample of the 16 validation cells
     assert main(["export", "int8", "--bundle", str(out), "--teacher", str(run_dirs["teacher"]),
-                 "--cache", str(run_dirs["cache"]), "--calib-cells", "16"]) == 0
+                 "--cache", str(run_dirs["cache"]), "--calib-cells", "16", "--config", str(cfg)]) == 0
     b = load_bundle(out)
     m = b.manifest
     assert m["quantization"]["weight_type"] == "int7 per-channel (reduce_range)"
@@ -109,7 +111,7 @@ def test_export_int8_bundle_requantizes_in_place_with_7_bit_weights(run_dirs, tm
     assert m["files"]["engine_int8.onnx"]["sha256"] == file_sha256(out / "engine_int8.onnx") != old["files"]["engine_int8.onnx"]["sha256"]
     assert m["files"]["engine_fp32.onnx"] == old["files"]["engine_fp32.onnx"] and m["bundle_id"] != old["bundle_id"]
     assert b.precision == "fp32" and "default precision kept: fp32" in m["metrics"]["int8_vs_fp32"]["reason"]
-    assert "cpu_vnni" in m["metrics"]["int8_vs_fp32"]
+    assert "cpu_vnni" in m["metrics"]["int8_vs_fp32"] and m["metrics"]["int8_vs_fp32"]["n_cells"] == 8
     assert load_backend("onnxruntime", b, "int8").infer(random_cells(2))["logits"].shape == (2, 8)
     assert "re-quantized (int7 per-channel (reduce_range))" in capsys.readouterr().err
 

@@ -32,7 +32,7 @@ class ExportConfig:
     precisions: tuple[str, ...] = ("fp32", "int8", "fp16")
     default_precision: str = "auto"  # what the runtime runs by default; auto = int8 if it keeps agreement and is faster
     min_int8_agreement: float = 0.99  # auto: INT8 vs FP32 label agreement required on validation cells
-    choice_cells: int = 512  # auto: validation cells used to measure agreement
+    choice_cells: int = 0  # validation cells INT8 is measured against FP32 on (stratified sample); 0 = every one
     calibrate: bool = True  # fit calibration.json on held-out splits of the cache with the shipped engine
     calibration_splits: tuple[str, ...] = ("cal",)  # which held-out splits: cal and/or val
     alpha: float = 0.01  # calibration: error bound among accepted cells
@@ -289,9 +289,10 @@ def _fit_calibration(cfg: ExportConfig, bundle_dir: Path, data: dict, idx) -> di
 
 
 def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[str, dict]:
-    """Measure INT8 against FP32 (ONNX Runtime, this CPU) on validation cells: label agreement and cells/s at
-    batch 32 (alternating runs, medians). INT8 is chosen when agreement >= cfg.min_int8_agreement and it is faster.
-    Both depend on the CPU (VNNI or not, export.quantize), so the result records whether this one has VNNI."""
+    """Measure INT8 against FP32 (ONNX Runtime, this CPU) on the validation cells (every one, or a stratified
+    sample of cfg.choice_cells): label agreement and cells/s at batch 32 (alternating runs, medians). INT8 is
+    chosen when agreement >= cfg.min_int8_agreement and it is faster. Both depend on the CPU (VNNI or not,
+    export.quantize), so the result records whether this one has VNNI."""
     import time
 
     import numpy as np
@@ -305,7 +306,7 @@ def _choose_precision(cfg: ExportConfig, bundle_dir: Path, data: dict) -> tuple[
     if "int8" not in bundle.engines or "fp32" not in bundle.engines:
         return "fp32" if "fp32" in bundle.engines else next(iter(bundle.engines)), {}
     split = data.get("val", data["train"])
-    idx = split[stratified_sample(data["labels"][split], cfg.choice_cells, seed=1)]
+    idx = split if cfg.choice_cells <= 0 else split[stratified_sample(data["labels"][split], cfg.choice_cells, seed=1)]
     cells = np.ascontiguousarray(data["crops"][idx].transpose(0, 3, 1, 2))
     be = {p: load_backend("onnxruntime", bundle, p, intra_op_num_threads=cfg.threads) for p in ("fp32", "int8")}
     _say(f"measuring INT8 against FP32 on {len(cells)} validation cells")
