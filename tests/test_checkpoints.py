@@ -1,10 +1,10 @@
 """The checkpoints kept in git (export/checkpoints/teacherD, teacherE, teacher_loco, and E's multi-head students
-student_heads, student_heads_scale314, student_heads_h6): their manifests' hashes hold, the multi-head students classify real
-cells in 2 passes per cell,
-the leave-one-class-out teacher knows every class but erythroblast, E is D
-trained on (same autoencoder, more steps) and is the shipped bundle's teacher, the cached teacher stages of each cover every
-training and validation cell, so that distillation from it skips the teacher's 20 core-minutes, and
-`cytoedge export checkpoint` rebuilds D's folder, files and figures, from its teacher and a run folder of parts."""
+student_heads, student_heads_scale314, student_heads_h6, student_heads_h7b): their manifests' hashes hold, the multi-
+head students classify real cells in 2 passes per cell, the leave-one-class-out teacher knows every class but
+erythroblast, E is D trained on (same autoencoder, more steps) and is the shipped bundle's teacher, the cached
+teacher stages of each cover every training and validation cell, so that distillation from it skips the teacher's 20
+core-minutes, and `cytoedge export checkpoint` rebuilds D's folder, files and figures, from its teacher and a run
+folder of parts."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,7 @@ CKPT = ROOT / "teacherD"
 
 
 @pytest.mark.parametrize("name", ["teacherD", "teacherE", "teacher_loco", "student_heads", "student_heads_scale314",
-                                  "student_heads_h6"])
+                                  "student_heads_h6", "student_heads_h7b"])
 def test_manifest_lists_every_file_with_its_hash(name):
     folder = ROOT / name
     man = json.loads((folder / "manifest.json").read_text())
@@ -136,7 +136,8 @@ def test_export_checkpoint_refuses_a_stage_with_cells_missing(tmp_path, pbc_dir,
 
 @pytest.mark.parametrize("name, steps, view, scale", [("student_heads", 12000, "flip_h", None),
                                                        ("student_heads_scale314", 8000, "rot270+flip_w", 314.0),
-                                                       ("student_heads_h6", 6000, "identity", 314.0)])
+                                                       ("student_heads_h6", 6000, "identity", 314.0),
+                                                       ("student_heads_h7b", 4500, "rot270+flip_w", 314.0)])
 def test_the_multi_head_students_of_e_classify_real_cells_in_two_passes(pbc_cells, name, steps, view, scale):
     from export.engine import VIEWS, build_engine, load_student
     from export.models import MultiHeadDenoiser
