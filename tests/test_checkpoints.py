@@ -1,6 +1,6 @@
 """The checkpoints kept in git (export/checkpoints/teacherD, teacherE, teacher_loco, and E's multi-head students
-student_heads, student_heads_scale314, student_heads_h6, student_heads_h7b): their manifests' hashes hold, the multi-
-head students classify real cells in 2 passes per cell, the leave-one-class-out teacher knows every class but
+student_heads, student_heads_scale314, student_heads_h6, student_heads_h7b): their manifests' hashes hold, the
+multi-head students classify real cells in 2 passes per cell, the leave-one-class-out teacher knows every class but
 erythroblast, E is D trained on (same autoencoder, more steps) and is the shipped bundle's teacher, the cached
 teacher stages of each cover every training and validation cell, so that distillation from it skips the teacher's 20
 core-minutes, and `cytoedge export checkpoint` rebuilds D's folder, files and figures, from its teacher and a run
