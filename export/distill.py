@@ -6,8 +6,10 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
 2. ``teacher_targets.npz``: the same on a stratified sample of training cells (``target_cells``; 0 = all of
    them): the distillation targets. With ``target_seeds`` = (0, 1, ...) the teacher classifies them again with
    each other noise seed (``teacher_targets_seed<s>.npz``, a stage of its own) and the targets are the mean
-   class errors over the runs. Both stages are keyed by crop-cache index (``cached_teacher``), so a larger
-   sample reuses what is there, and ``cytoedge distill --part I/N`` computes slice I of both in its own process.
+   class errors over the runs. With ``jitter_copies`` = n the teacher also classifies n perturbed copies of the
+   target cells (``jittered``; ``teacher_targets_jitter<k>.npz``), which join the KL stage as cells of their own.
+   These stages are keyed by crop-cache index (``cached_teacher``), so a larger
+   sample reuses what is there, and ``cytoedge distill --part I/N`` computes slice I of each in its own process.
 3. ``search.json``: timesteps (pairs/sets from a grid) and then the noise seed, chosen for label agreement of
    the fixed-noise teacher with its own full estimate on a validation subset.
 4. ``student_init.safetensors`` (only for a student narrower than the teacher, ``student_channels``, or a
@@ -42,9 +44,9 @@ from calibration.calibset import stratified_sample
 from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import VIEWS, Engine, build_engine, dihedral_view, student_unet
-from export.models import MultiHeadDenoiser, all_class_eps
+from export.models import MultiHeadDenoiser, all_class_eps, to_unit
 from export.teacher import Teacher, load_teacher
-from export.train import _Batches, cpu_autocast, load_cache, lr_at
+from export.train import _Batches, augment, cpu_autocast, load_cache, lr_at
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class DistillConfig:
     search_cells: int = 400  # validation cells used by the search
     target_cells: int = 1600  # training cells with teacher targets (0 = every training cell)
     target_seeds: tuple[int, ...] = (0,)  # teacher runs (noise seeds) whose class errors are averaged per target
+    jitter_copies: int = 0  # + this many copies of the target cells, each perturbed as the teacher was trained
+    #                         (train.augment with its stain jitter and blur; seed 1000 + copy), with the teacher's
+    #                         own classification of each copy as its target: more cells to match, and a second
+    #                         teacher estimate of nearly the same cell
     steps: int = 300
     batch: int = 16
     lr: float = 3e-5
@@ -100,6 +106,17 @@ def _teacher_results(teacher: Teacher, cells: np.ndarray, path: Path, desc: str,
            "evals": np.array([r.evals for r in res]), "zeta": np.array([r.zeta for r in res]),
            "seconds": np.array(time.time() - t0)}
     np.savez(path, **out, **(extra or {}))
+    return out
+
+
+def jittered(cells: np.ndarray, seed: int, stain: float = 0.0, blur: float = 0.0, chunk: int = 256) -> np.ndarray:
+    """uint8 [N, S, S, 3] -> uint8 [N, S, S, 3]: each cell perturbed by train.augment (dihedral, colour, and the
+    given stain jitter and blur), seeded, so every process that asks for the same cells gets the same copies."""
+    gen = torch.Generator().manual_seed(seed)
+    out = np.empty_like(cells)
+    for i in range(0, len(cells), chunk):
+        x = augment(to_unit(torch.from_numpy(cells[i:i + chunk]).permute(0, 3, 1, 2)), gen, stain, blur)
+        out[i:i + chunk] = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return out
 
 
@@ -329,15 +346,28 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     stages = [(splits["val"], "teacher_val", lambda n: splits["val"], ClassifierConfig())]
     stages += [(tgt_idx, "teacher_targets" + (f"_seed{s}" if s else ""), legacy_tgt, ClassifierConfig(seed=s))
                for s in cfg.target_seeds]
+    if cfg.jitter_copies < 0:
+        raise InputError(f"jitter_copies must be >= 0, got {cfg.jitter_copies}")
+    aug = teacher.meta.get("train_config", {})
+    stain, blur = float(aug.get("stain_jitter", 0.0)), float(aug.get("blur_prob", 0.0))
+    copies = []  # crop-cache-shaped arrays whose target rows are perturbed (keyed by the same index as crops)
+    for k in range(1, cfg.jitter_copies + 1):
+        c = crops.copy()
+        c[tgt_idx] = jittered(crops[tgt_idx], 1000 + k, stain, blur)
+        copies.append(c)
+    jit = [(c, f"teacher_targets_jitter{k}") for k, c in enumerate(copies, 1)]
     if part is not None:
         for idx, prefix, legacy, ccfg in stages:
             cached_teacher(teacher, crops, idx, run, prefix, legacy, part, ccfg)
+        for c, prefix in jit:
+            cached_teacher(teacher, c, tgt_idx, run, prefix, legacy_tgt, part)
         return run
     val, *runs = (cached_teacher(teacher, crops, idx, run, prefix, legacy, ccfg=ccfg)
                   for idx, prefix, legacy, ccfg in stages)
     # the mean over the teacher's runs estimates its judgement better than one run (validation, seeds 0 and 1:
     # balanced accuracy 94.0% and 94.3% alone, 94.6% averaged)
     tgt = {"errors": np.mean([r["errors"] for r in runs], axis=0)}
+    jit_errors = [cached_teacher(teacher, c, tgt_idx, run, prefix, legacy_tgt)["errors"] for c, prefix in jit]
 
     search_path = run / "search.json"
     if search_path.exists():
@@ -373,13 +403,14 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         c = torch.load(ckpt, map_location="cpu", weights_only=False)
         student.load_state_dict(c["student"]); opt.load_state_dict(c["opt"]); log_a.data.fill_(c["log_a"]); state = c["state"]
     gen = torch.Generator().manual_seed(cfg.seed + state["step"])
-    tgt_cells = torch.from_numpy(crops[tgt_idx].transpose(0, 3, 1, 2).copy())
-    p_teacher = torch.softmax(-b * torch.from_numpy(tgt["errors"] - tgt["errors"].min(1, keepdims=True)).float(), 1)
+    # the KL cells: the target cells, then each jittered copy of them, with the teacher's errors for each
+    tgt_cells = torch.from_numpy(np.concatenate([crops[tgt_idx]] + [c[tgt_idx] for c in copies]).transpose(0, 3, 1, 2).copy())
+    e_t = np.concatenate([tgt["errors"]] + jit_errors)
+    del copies
+    p_teacher = torch.softmax(-b * torch.from_numpy(e_t - e_t.min(1, keepdims=True)).float(), 1)
     # the denoising term sees the teacher's own training augmentation (stain jitter, blur), so the student keeps
     # the robustness the teacher learnt from it
-    aug = teacher.meta.get("train_config", {})
-    denoise = _Batches(crops, labels, splits["train"], 32, cfg.seed + 7 + state["step"],
-                       float(aug.get("stain_jitter", 0.0)), float(aug.get("blur_prob", 0.0)))
+    denoise = _Batches(crops, labels, splits["train"], 32, cfg.seed + 7 + state["step"], stain, blur)
     abar = teacher.abar
     t_start = time.time()
 

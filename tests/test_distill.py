@@ -221,6 +221,28 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     assert {f.name for f in run.glob("teacher_targets*.npz")} - set(seed0) == {
         "teacher_targets_seed1.npz", "teacher_targets_seed1_c0n16.npz"}  # the second run: all 16 cells, once
     assert json.loads((run / "distill.json").read_text())["config"]["target_seeds"] == [0, 1]
+    with pytest.raises(InputError, match="jitter_copies"):
+        distill(dataclasses.replace(cfg, jitter_copies=-1), progress=False)
+    seeds = {f.name for f in run.glob("teacher_targets*.npz")}
+    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=10, target_seeds=(0, 1), jitter_copies=1),
+            progress=False)
+    assert {f.name for f in run.glob("teacher_targets*.npz")} - seeds == {
+        "teacher_targets_jitter1.npz", "teacher_targets_jitter1_c0n16.npz"}  # one more teacher run, on the copies
+    with np.load(run / "teacher_targets_jitter1.npz") as j, np.load(run / "teacher_targets.npz") as t:
+        assert list(j["index"]) == list(t["index"]) and not np.allclose(j["errors"], t["errors"])
+    assert json.loads((run / "distill.json").read_text())["config"]["jitter_copies"] == 1
+
+
+def test_jittered_copies_are_seeded_mild_perturbations_of_the_cells():
+    from export.distill import jittered
+
+    cells = random_cells(12, seed=4).transpose(0, 2, 3, 1).copy()
+    a = jittered(cells, 1001)
+    assert a.dtype == np.uint8 and a.shape == cells.shape
+    np.testing.assert_array_equal(a, jittered(cells, 1001))  # every process gets the same copies
+    assert not np.array_equal(a, jittered(cells, 1002))
+    shift = np.abs(a.reshape(12, -1, 3).mean(1) - cells.reshape(12, -1, 3).mean(1))  # mean colour, grey levels
+    assert 0.5 < shift.mean() and shift.max() < 30  # recoloured, mildly (turns and flips keep the mean)
 
 
 class _RowEngine:

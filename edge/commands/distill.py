@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-
 def register(sub) -> None:
     p = sub.add_parser("distill", help="distill the teacher into a few-timestep student (the engine's denoiser)",
                        description="Compute the teacher's full diffusion classification of validation cells and of a "
@@ -23,13 +22,16 @@ def register(sub) -> None:
     p.add_argument("--target-cells", type=int, help="training cells with teacher targets (0 = all; default 1600)")
     p.add_argument("--target-seeds", type=_seeds, metavar="S,S,...", help="noise seeds of the teacher runs whose "
                    "class errors are averaged into each target (default 0: one run; e.g. 0,1 costs a second run)")
+    p.add_argument("--jitter-copies", type=int, help="also distill on N perturbed copies of the target cells "
+                   "(the teacher's own training augmentation), each classified by the teacher (default 0; each copy "
+                   "costs a teacher run over the target cells)")
     p.add_argument("--student-heads", action="store_true", default=None, help="a multi-head student: one "
                    "denoiser pass per timestep predicts every class (2 passes per cell instead of 16 at 8 classes x "
                    "2 timesteps); starts from the teacher's weights and imitates its denoiser first (--init-steps)")
     p.add_argument("--init-steps", type=int, help="imitation steps before the KL stage, for a narrow or multi-head "
                    "student (default 3000)")
     p.add_argument("--part", type=_part, metavar="I/N", help="only compute slice I of N (0-based) of the missing "
-                   "teacher stages (validation and targets), then stop: run N of these at once (one per core, --threads 1), then distill "
+                   "teacher stages (validation, targets, jittered copies), then stop: run N of these at once (one per core, --threads 1), then distill "
                    "without --part")
     p.set_defaults(func=run)
 
