@@ -64,6 +64,8 @@ class DistillConfig:
     #                         (train.augment with its stain jitter and blur; seed 1000 + copy), with the teacher's
     #                         own classification of each copy as its target: more cells to match, and a second
     #                         teacher estimate of nearly the same cell
+    jitter_targets: str = "own"  # "own": each copy matches the teacher on that copy; "mean": the cell and its copies
+    #                              all match the mean of the teacher's errors over them (a less noisy estimate)
     steps: int = 300
     batch: int = 16
     lr: float = 3e-5
@@ -348,6 +350,8 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
                for s in cfg.target_seeds]
     if cfg.jitter_copies < 0:
         raise InputError(f"jitter_copies must be >= 0, got {cfg.jitter_copies}")
+    if cfg.jitter_targets not in ("own", "mean"):
+        raise InputError(f"jitter_targets must be 'own' or 'mean', got {cfg.jitter_targets!r}")
     aug = teacher.meta.get("train_config", {})
     stain, blur = float(aug.get("stain_jitter", 0.0)), float(aug.get("blur_prob", 0.0))
     copies = []  # crop-cache-shaped arrays whose target rows are perturbed (keyed by the same index as crops)
@@ -405,7 +409,10 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
     gen = torch.Generator().manual_seed(cfg.seed + state["step"])
     # the KL cells: the target cells, then each jittered copy of them, with the teacher's errors for each
     tgt_cells = torch.from_numpy(np.concatenate([crops[tgt_idx]] + [c[tgt_idx] for c in copies]).transpose(0, 3, 1, 2).copy())
-    e_t = np.concatenate([tgt["errors"]] + jit_errors)
+    per_copy = [tgt["errors"]] + jit_errors
+    if cfg.jitter_targets == "mean":
+        per_copy = [np.mean(per_copy, axis=0)] * len(per_copy)
+    e_t = np.concatenate(per_copy)
     del copies
     p_teacher = torch.softmax(-b * torch.from_numpy(e_t - e_t.min(1, keepdims=True)).float(), 1)
     # the denoising term sees the teacher's own training augmentation (stain jitter, blur), so the student keeps

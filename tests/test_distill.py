@@ -231,6 +231,13 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
     with np.load(run / "teacher_targets_jitter1.npz") as j, np.load(run / "teacher_targets.npz") as t:
         assert list(j["index"]) == list(t["index"]) and not np.allclose(j["errors"], t["errors"])
     assert json.loads((run / "distill.json").read_text())["config"]["jitter_copies"] == 1
+    with pytest.raises(InputError, match="jitter_targets"):
+        distill(dataclasses.replace(cfg, jitter_copies=1, jitter_targets="median"), progress=False)
+    files = sorted(run.glob("*.npz"))
+    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=11, target_seeds=(0, 1), jitter_copies=1,
+                                jitter_targets="mean"), progress=False)
+    assert sorted(run.glob("*.npz")) == files  # the same teacher stages, only matched differently
+    assert json.loads((run / "distill.json").read_text())["config"]["jitter_targets"] == "mean"
 
 
 def test_jittered_copies_are_seeded_mild_perturbations_of_the_cells():
