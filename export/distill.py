@@ -16,8 +16,8 @@ Stages (each cached in ``run_dir``, so a stopped run resumes):
    multi-head one, ``student_heads``): that denoiser is first trained to imitate the teacher's denoiser on every class at the engine's
    timesteps (epsilon MSE plus the class-centred error vector), with fresh noise and the fixed noise.
 5. ``student.safetensors``: the student fine-tuned so that the engine's class errors at those timesteps match
-   the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true labels and a
-   learned (or held at ``logit_scale``), plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
+   the teacher's: KL(softmax(-b e_T) || softmax(-a e_S)) with b fitted on the targets' true labels (times
+   ``target_sharpen``) and a learned (or held at ``logit_scale``), plus the ordinary denoising loss so the errors keep their scale (anomaly detection).
 6. ``view.json``: the dihedral view the engine turns cells by (export.engine.dihedral_view), chosen for accuracy
    on the calibration split. With one fixed noise draw, the student's accuracy depends on how that noise meets
    the cell: the accuracy of the session-5 student over its 8 views spread over 1.5 points (calibration split)
@@ -66,6 +66,8 @@ class DistillConfig:
     #                         teacher estimate of nearly the same cell
     jitter_targets: str = "own"  # "own": each copy matches the teacher on that copy; "mean": the cell and its copies
     #                              all match the mean of the teacher's errors over them (a less noisy estimate)
+    target_sharpen: float = 1.0  # the KL targets are softmax(-b * target_sharpen * e_T): > 1 sharpens the teacher's
+    #                              class distribution towards its top class (its label), which is what agreement counts
     steps: int = 300
     batch: int = 16
     lr: float = 3e-5
@@ -220,6 +222,12 @@ def search(teacher: Teacher, cells: np.ndarray, teacher_label: np.ndarray, cfg: 
     return {"timesteps": best_t, "noise_seed": best_seed, "agreement": best_agree, "n_cells": int(len(cells)), "table": rows}
 
 
+def teacher_distribution(errors: np.ndarray, scale: float) -> torch.Tensor:
+    """The KL stage's targets: class errors [N, K] (latent MSE, lower = better) -> float32 probabilities [N, K],
+    softmax(-scale * errors). A larger scale (``target_sharpen``) moves mass to the lowest-error class."""
+    return torch.softmax(-scale * torch.from_numpy(errors - errors.min(1, keepdims=True)).float(), 1)
+
+
 def search_view(engine: Engine, cells: np.ndarray, labels: np.ndarray, progress: bool = False) -> dict:
     """Stage 6: the dihedral view (index into VIEWS) with the highest accuracy of ``engine`` on ``cells`` uint8
     [N, S, S, 3] with true ``labels`` [N] (ties: the lower index; identity first). Leaves engine.view as found."""
@@ -352,6 +360,8 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         raise InputError(f"jitter_copies must be >= 0, got {cfg.jitter_copies}")
     if cfg.jitter_targets not in ("own", "mean"):
         raise InputError(f"jitter_targets must be 'own' or 'mean', got {cfg.jitter_targets!r}")
+    if not cfg.target_sharpen > 0:
+        raise InputError(f"target_sharpen must be > 0, got {cfg.target_sharpen}")
     aug = teacher.meta.get("train_config", {})
     stain, blur = float(aug.get("stain_jitter", 0.0)), float(aug.get("blur_prob", 0.0))
     copies = []  # crop-cache-shaped arrays whose target rows are perturbed (keyed by the same index as crops)
@@ -414,7 +424,7 @@ def distill(cfg: DistillConfig, progress: bool = True, part: tuple[int, int] | N
         per_copy = [np.mean(per_copy, axis=0)] * len(per_copy)
     e_t = np.concatenate(per_copy)
     del copies
-    p_teacher = torch.softmax(-b * torch.from_numpy(e_t - e_t.min(1, keepdims=True)).float(), 1)
+    p_teacher = teacher_distribution(e_t, b * cfg.target_sharpen)
     # the denoising term sees the teacher's own training augmentation (stain jitter, blur), so the student keeps
     # the robustness the teacher learnt from it
     denoise = _Batches(crops, labels, splits["train"], 32, cfg.seed + 7 + state["step"], stain, blur)

@@ -238,6 +238,21 @@ def test_distill_end_to_end_on_a_tiny_teacher_with_parts_anneal_and_resume(tmp_p
                                 jitter_targets="mean"), progress=False)
     assert sorted(run.glob("*.npz")) == files  # the same teacher stages, only matched differently
     assert json.loads((run / "distill.json").read_text())["config"]["jitter_targets"] == "mean"
+    with pytest.raises(InputError, match="target_sharpen"):
+        distill(dataclasses.replace(cfg, target_sharpen=0.0), progress=False)
+    distill(dataclasses.replace(cfg, augment=False, train_view=6, steps=12, target_sharpen=4.0), progress=False)
+    assert json.loads((run / "distill.json").read_text())["config"]["target_sharpen"] == 4.0
+
+
+def test_sharpened_targets_keep_the_teachers_label_and_move_mass_to_it():
+    from export.distill import teacher_distribution
+
+    rng = np.random.default_rng(0)
+    errors = 0.3 + 0.002 * rng.standard_normal((200, 8))  # class errors a few 1/1000 apart, as the teacher's are
+    p1, p4 = teacher_distribution(errors, 1856.0).numpy(), teacher_distribution(errors, 4 * 1856.0).numpy()
+    assert np.allclose(p1.sum(1), 1) and np.allclose(p4.sum(1), 1)
+    assert (p1.argmax(1) == errors.argmin(1)).all() and (p4.argmax(1) == errors.argmin(1)).all()
+    assert (p4.max(1) >= p1.max(1) - 1e-6).all() and p4.max(1).mean() > p1.max(1).mean() + 0.1
 
 
 def test_jittered_copies_are_seeded_mild_perturbations_of_the_cells():

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--jitter-copies", type=int, help="also distill on N perturbed copies of the target cells "
                    "(the teacher's own training augmentation), each classified by the teacher (default 0; each copy "
                    "costs a teacher run over the target cells)")
+    p.add_argument("--target-sharpen", type=float, help="multiply the teacher's fitted logit scale by this in the KL "
+                   "targets (default 1; > 1 sharpens them towards the teacher's label)")
     p.add_argument("--student-heads", action="store_true", default=None, help="a multi-head student: one "
                    "denoiser pass per timestep predicts every class (2 passes per cell instead of 16 at 8 classes x "
                    "2 timesteps); starts from the teacher's weights and imitates its denoiser first (--init-steps)")
