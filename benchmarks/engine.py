@@ -257,6 +257,8 @@ def print_table(res: dict) -> None:
 
 
 def plot(res: dict, path: Path) -> None:
+    """Two panels: speed over the teacher (log; issue 3's 50x and 100x lines) and the label figures, zoomed to
+    where they differ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,22 +266,44 @@ def plot(res: dict, path: Path) -> None:
 
     rows = res["rows"]
     names = [r["variant"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    a.barh(names, [r["cells_per_s_best"] for r in rows], color="tab:blue", label="best batch")
-    a.barh(names, [r["cells_per_s_b1"] for r in rows], color="tab:orange", alpha=0.7, label="batch 1")
+    y = np.arange(len(rows))
+    teacher = rows[0]["cells_per_s_best"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 0.9 * len(rows) + 2.8))
+    a.barh(y, [r["speedup_vs_teacher"] for r in rows], color="tab:blue", label="best batch")
+    a.barh(y, [r["cells_per_s_b1"] / teacher for r in rows], color="tab:orange", alpha=0.7, label="batch 1")
+    for i, r in enumerate(rows):
+        a.text(r["speedup_vs_teacher"] * 1.08, i, f"{r['speedup_vs_teacher']:.1f}x  ({r['cells_per_s_best']:.0f} cells/s, "
+               f"batch {r['best_batch']})", va="center", fontsize=8)
+    for line, style in ((50, "--"), (100, ":")):
+        a.axvline(line, color="C3", ls=style, lw=1, label=f"issue 3: {line}x")
     a.set_xscale("log")
-    a.set_xlabel("cells/s (log)")
-    a.legend()
+    a.set_xlim(0.5, 20 * max(r["speedup_vs_teacher"] for r in rows))
+    a.set_yticks(y, names)
+    a.set_xlabel(f"cells/s over the teacher's {teacher:.2f} (log)")
+    a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8)
     a.invert_yaxis()
-    b.barh(names, [100 * r["agreement"] for r in rows], color="tab:green", label="agreement with teacher")
-    b.barh(names, [100 * r["balanced_accuracy"] for r in rows], color="tab:gray", alpha=0.6, label="balanced accuracy")
-    b.set_xlim(0, 100)
-    b.set_xlabel("%")
-    b.legend(loc="lower left")
+    series = [("agreement", f"agreement with the teacher ({res['teacher_cells']} cells)", "tab:green"),
+              ("balanced_accuracy", f"balanced accuracy ({res['n_cells']} cells)", "tab:gray"),
+              ("agreement_with_fp32", "labels as ONNX Runtime fp32", "tab:purple")]
+    h = 0.8 / len(series)
+    lo = 100.0
+    for k, (key, label, color) in enumerate(series):
+        vals = [100 * r[key] if r.get(key) is not None else np.nan for r in rows]
+        lo = min(lo, np.nanmin(vals))
+        b.barh(y + (k - 1) * h, vals, height=h, color=color, label=label)
+        for i, v in enumerate(vals):
+            if np.isfinite(v):
+                b.text(v + 0.1, i + (k - 1) * h, f"{v:.1f}", va="center", fontsize=7)
+    b.set_xlim(max(0.0, np.floor(lo) - 3), 101.5)
+    b.set_yticks(y, names)
+    b.set_xlabel("% (the runtime's labels)")
+    b.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     b.invert_yaxis()
-    fig.suptitle(f"engine benchmark, matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s")
+    fig.suptitle(f"engine benchmark: {res['n_cells']} cells, {res['threads']} threads, "
+                 f"matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
