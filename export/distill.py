@@ -225,7 +225,9 @@ def search(teacher: Teacher, cells: np.ndarray, teacher_label: np.ndarray, cfg: 
 def teacher_distribution(errors: np.ndarray, scale: float) -> torch.Tensor:
     """The KL stage's targets: class errors [N, K] (latent MSE, lower = better) -> float32 probabilities [N, K],
     softmax(-scale * errors). A larger scale (``target_sharpen``) moves mass to the lowest-error class."""
-    return torch.softmax(-scale * torch.from_numpy(errors - errors.min(1, keepdims=True)).float(), 1)
+    from calibration.temperature import softmax
+
+    return torch.from_numpy(softmax(-scale * errors).astype(np.float32))
 
 
 def search_view(engine: Engine, cells: np.ndarray, labels: np.ndarray, progress: bool = False) -> dict:
@@ -315,17 +317,13 @@ def _imitation_term(teacher: Teacher, student: torch.nn.Module, cells: torch.Ten
 
 def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
     """b minimising the NLL of softmax(-b * errors) on true labels (1-D golden search on log b)."""
-    e = errors - errors.min(1, keepdims=True)
+    from calibration.temperature import nll
 
-    def nll(logb: float) -> float:
-        z = -math.exp(logb) * e
-        z = z - z.max(1, keepdims=True)
-        return float(-(z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(1))).mean())
-
+    cost = lambda logb: nll(-errors, labels, temperature=math.exp(-logb))  # noqa: E731
     lo, hi = -5.0, 12.0
     for _ in range(60):
         m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        lo, hi = (lo, m2) if nll(m1) < nll(m2) else (m1, hi)
+        lo, hi = (lo, m2) if cost(m1) < cost(m2) else (m1, hi)
     return math.exp((lo + hi) / 2)
 
 
