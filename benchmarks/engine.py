@@ -7,11 +7,13 @@ per cell and the network passes they take (fewer for a multi-head denoiser, whic
 per cell (convolutions and linear layers, counted on the PyTorch modules: 2 x multiply-accumulates), achieved
 GFLOP/s against the matmul peak measured in the same run (2048 x 2048 float32 numpy), label agreement with the
 teacher, and balanced accuracy against the true labels. Warm-up first; machines are noisy, so the ratios
-between variants in one run are what to read.
+between variants in one run are what to read. The timings are taken in ``--rounds`` rounds, every variant once
+per round in turn, so that a slow spell of a shared machine hits all of them: each figure is the median over the
+rounds, and the speed-up over the teacher is also given per round.
 
     python benchmarks/engine.py [--bundle DIR] [--teacher runs/teacher] [--student runs/student]
         [--cache runs/cache/pbc64.npz --splits runs/teacher/splits.npz | --data FOLDER]
-        [--cells 128] [--teacher-cells 32] [--out runs/bench/engine]
+        [--cells 128] [--teacher-cells 32] [--rounds 3] [--out runs/bench/engine]
 """
 from __future__ import annotations
 
@@ -113,6 +115,17 @@ def time_batches(infer, cells: np.ndarray, min_seconds: float = 1.5) -> dict:
             "cells_per_s_by_batch": {str(k): v for k, v in out.items()}}
 
 
+def median_timing(timed: list[dict]) -> dict:
+    """One variant's time_batches results over the rounds -> the same keys, each the median over the rounds (the
+    best batch: the batch size whose median cells/s is highest)."""
+    by_batch = {b: float(np.median([t["cells_per_s_by_batch"][b] for t in timed])) for b in timed[0]["cells_per_s_by_batch"]}
+    best = max(by_batch, key=by_batch.get)
+    med = lambda key: float(np.median([t[key] for t in timed]))  # noqa: E731
+    return {"cells_per_s_b1": by_batch.get("1"), "best_batch": int(best), "cells_per_s_best": by_batch[best],
+            "ms_per_cell_p50": med("ms_per_cell_p50"), "ms_per_cell_p99": med("ms_per_cell_p99"),
+            "cells_per_s_by_batch": by_batch}
+
+
 def load_cells(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(uint8 [N, 3, S, S] cells, int labels [N], class names) from the cache's validation split or --data."""
     from calibration.calibset import stratified_sample
@@ -179,31 +192,32 @@ def run(args) -> dict:
     tcfg = ClassifierConfig()
     say(f"teacher on {nt} cells ...")
     classify_cells(teacher, cells[:1], tcfg)  # warm-up
-    per_cell, results = [], []
-    for i in range(nt):
-        t = time.perf_counter()
-        results += classify_cells(teacher, cells[i:i + 1], tcfg)
-        per_cell.append(time.perf_counter() - t)
+    # one call per cell, as timed below (each call seeds its own noise: the same work every round)
+    results = [classify_cells(teacher, cells[i:i + 1], tcfg)[0] for i in range(nt)]
     t_label = np.array([r.label for r in results])
     t_evals = float(np.mean([r.evals for r in results]))
-    cps = 1.0 / float(np.mean(per_cell))
-    rows.append({"variant": "teacher (PyTorch)", "cells_per_s_b1": cps, "best_batch": 1, "cells_per_s_best": cps,
-                 "ms_per_cell_p50": 1e3 * float(np.percentile(per_cell, 50)),
-                 "ms_per_cell_p99": 1e3 * float(np.percentile(per_cell, 99)), "evals_per_cell": t_evals,
-                 "passes_per_cell": t_evals,
+
+    def time_teacher() -> dict:
+        per_cell = np.array([_timed(lambda: classify_cells(teacher, cells[i:i + 1], tcfg)) for i in range(nt)])
+        cps = 1.0 / float(np.mean(per_cell))
+        return {"cells_per_s_b1": cps, "best_batch": 1, "cells_per_s_best": cps,
+                "ms_per_cell_p50": 1e3 * float(np.percentile(per_cell, 50)),
+                "ms_per_cell_p99": 1e3 * float(np.percentile(per_cell, 99)), "cells_per_s_by_batch": {"1": cps}}
+
+    rows.append({"variant": "teacher (PyTorch)", "evals_per_cell": t_evals, "passes_per_cell": t_evals,
                  "flops_per_cell": t_evals * flops_per_eval, "agreement": 1.0,
                  "balanced_accuracy": balanced_accuracy(t_label, truth[:nt]), "n_cells": nt})
+    timers = [time_teacher]
 
     def engine_row(name: str, infer, evals: int, flops: float) -> None:
         say(f"{name} ...")
         # the runtime's label: argmax of the calibrated probabilities (temperature and class offsets)
         pred = np.concatenate([calibrated_probs(infer(cells[i:i + 32])["logits"], bundle.calibration).argmax(1)
                                for i in range(0, len(cells), 32)])
-        row = {"variant": name, **time_batches(infer, cells), "evals_per_cell": evals, "passes_per_cell": passes,
-               "flops_per_cell": flops,
-               "agreement": float(np.mean(pred[:nt] == t_label)),
-               "balanced_accuracy": balanced_accuracy(pred, truth), "n_cells": len(cells), "labels": pred}
-        rows.append(row)
+        rows.append({"variant": name, "evals_per_cell": evals, "passes_per_cell": passes, "flops_per_cell": flops,
+                     "agreement": float(np.mean(pred[:nt] == t_label)),
+                     "balanced_accuracy": balanced_accuracy(pred, truth), "n_cells": len(cells), "labels": pred})
+        timers.append(lambda: time_batches(infer, cells))
 
     def torch_infer(x):
         with torch.no_grad():
@@ -222,18 +236,26 @@ def run(args) -> dict:
     except BackendError as exc:
         say(f"TensorRT skipped: {exc}")
 
+    rounds = [[] for _ in rows]  # rounds[variant][round]: time_batches-like dicts
+    for k in range(args.rounds):
+        say(f"timing, round {k + 1} of {args.rounds}: {', '.join(r['variant'] for r in rows)}")
+        for timer, out in zip(timers, rounds):
+            out.append(timer())
+    for r, timed in zip(rows, rounds):
+        r.update(median_timing(timed))
+        r["speedup_by_round"] = [t["cells_per_s_best"] / t0["cells_per_s_best"] for t, t0 in zip(timed, rounds[0])]
     f32 = next((r for r in rows if r["variant"] == "ONNX Runtime fp32"), None)
     for r in rows:
         r["gflops_per_s"] = r["flops_per_cell"] * r["cells_per_s_best"] / 1e9
         r["fraction_of_peak"] = r["gflops_per_s"] / peak
-        r["speedup_vs_teacher"] = r["cells_per_s_best"] / rows[0]["cells_per_s_best"]
+        r["speedup_vs_teacher"] = float(np.median(r["speedup_by_round"]))
         if f32 is not None and "labels" in r:
             r["agreement_with_fp32"] = float(np.mean(r["labels"] == f32["labels"]))
     for r in rows:
         r.pop("labels", None)
     return {"matmul_peak_gflops": peak, "bundle": str(bundle.root), "bundle_id": bundle.bundle_id,
             "precision_default": bundle.precision, "timesteps": bundle.timesteps, "n_cells": int(len(cells)),
-            "teacher_cells": nt, "flops_per_eval": flops_per_eval, "threads": args.threads,
+            "teacher_cells": nt, "flops_per_eval": flops_per_eval, "threads": args.threads, "rounds": args.rounds,
             "teacher_config": dataclasses.asdict(tcfg), "rows": rows}
 
 
@@ -254,6 +276,9 @@ def print_table(res: dict) -> None:
               f"{r['flops_per_cell'] / 1e9:10.3f} {r['gflops_per_s']:8.1f} {100 * r['fraction_of_peak']:5.1f}% "
               f"{r['speedup_vs_teacher']:8.1f} {100 * r['agreement']:5.1f}% {_pct(r.get('agreement_with_fp32')):>7s} "
               f"{100 * r['balanced_accuracy']:6.1f}%")
+    print(f"speed-up over the teacher in each of {res['rounds']} timing rounds (the table: medians):")
+    for r in res["rows"][1:]:
+        print(f"  {r['variant']:22s} " + ", ".join(f"{x:.1f}x" for x in r["speedup_by_round"]))
 
 
 def plot(res: dict, path: Path) -> None:
@@ -269,10 +294,13 @@ def plot(res: dict, path: Path) -> None:
     y = np.arange(len(rows))
     teacher = rows[0]["cells_per_s_best"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 0.9 * len(rows) + 2.8))
-    a.barh(y, [r["speedup_vs_teacher"] for r in rows], color="tab:blue", label="best batch")
+    spread = np.array([[r["speedup_vs_teacher"] - min(r["speedup_by_round"]), max(r["speedup_by_round"]) - r["speedup_vs_teacher"]]
+                       for r in rows]).T
+    a.barh(y, [r["speedup_vs_teacher"] for r in rows], xerr=spread, capsize=3, color="tab:blue",
+           label=f"best batch (median, range of {res['rounds']} rounds)")
     a.barh(y, [r["cells_per_s_b1"] / teacher for r in rows], color="tab:orange", alpha=0.7, label="batch 1")
     for i, r in enumerate(rows):
-        a.text(r["speedup_vs_teacher"] * 1.08, i, f"{r['speedup_vs_teacher']:.1f}x  ({r['cells_per_s_best']:.0f} cells/s, "
+        a.text(max(r["speedup_by_round"]) * 1.12, i, f"{r['speedup_vs_teacher']:.1f}x  ({r['cells_per_s_best']:.0f} cells/s, "
                f"batch {r['best_batch']})", va="center", fontsize=8)
     for line, style in ((50, "--"), (100, ":")):
         a.axvline(line, color="C3", ls=style, lw=1, label=f"issue 3: {line}x")
@@ -318,8 +346,12 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=128, help="cells for engine accuracy and speed")
     p.add_argument("--teacher-cells", type=int, default=32, help="cells the (slow) teacher classifies")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds, every variant once per round in turn; "
+                   "figures are medians over the rounds (default 3)")
     p.add_argument("--out", default="runs/bench/engine", help="folder for engine.json and engine.png")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.cells < 1 or args.teacher_cells < 1:
+        p.error("--rounds, --cells and --teacher-cells must be >= 1")
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
