@@ -14,6 +14,10 @@ validation split:
   accuracy; and where it disagrees with run 0: on cells whose label every teacher run gives alike ("stable"), or
   on cells where the runs differ.
 
+Every agreement with run 0 comes with its 95% Wilson interval; every engine after the first is compared with the
+first on the same cells by an exact McNemar test (cells only one of the two labels as run 0 does), so that a
+difference of a few cells is read as what it is.
+
 Prints a table; writes agreement.json and agreement.png.
 
     python benchmarks/agreement.py --teacher export/checkpoints/teacherE --seeds 1,2,3 \
@@ -75,7 +79,7 @@ def bundle_labels(name: str | None, cells: np.ndarray) -> tuple[str, np.ndarray]
 def report(runs: dict[int, np.ndarray], engines: dict[str, np.ndarray], truth: np.ndarray) -> dict:
     """Rows of the table (see the module docstring) from teacher class errors {seed: [V, K]} (seed 0 first),
     engine labels {name: [V]} and true labels [V]."""
-    from calibration.accuracy import accuracy_report
+    from calibration.accuracy import accuracy_report, mcnemar_p, wilson_interval
 
     seeds = sorted(runs)
     if seeds[0] != 0 or len(seeds) < 2:
@@ -89,13 +93,15 @@ def report(runs: dict[int, np.ndarray], engines: dict[str, np.ndarray], truth: n
     def scores(pred: np.ndarray) -> dict:
         rep = accuracy_report(truth, pred, [str(c) for c in range(k)])
         return {"accuracy": rep["accuracy"], "balanced_accuracy": rep["balanced_accuracy"],
-                "agreement_run0": float(np.mean(pred == run0)), "disagreements_run0": int(np.sum(pred != run0))}
+                "agreement_run0": float(np.mean(pred == run0)), "disagreements_run0": int(np.sum(pred != run0)),
+                "agreement_run0_ci95": wilson_interval(int(np.sum(pred == run0)), len(pred))}
 
     rows = [{"name": f"teacher run {s}", "kind": "teacher", **scores(labels[s])} for s in seeds]
     others = np.mean([runs[s] for s in seeds[1:]], 0).argmin(1)
     rows.append({"name": f"teacher, mean of runs {seeds[1]}-{seeds[-1]}", "kind": "ceiling", **scores(others)})
     rows.append({"name": f"teacher, mean of all {len(seeds)} runs (run 0 in it)", "kind": "teacher_mean",
                  **scores(mean_all)})
+    first = next(iter(engines.values()), None)
     for name, pred in engines.items():
         dis = pred != run0
         rows.append({"name": name, "kind": "engine", **scores(pred),
@@ -103,6 +109,10 @@ def report(runs: dict[int, np.ndarray], engines: dict[str, np.ndarray], truth: n
                      "agreement_mean_all": float(np.mean(pred == mean_all)),
                      "disagreements_on_stable": int(np.sum(dis & stable)),
                      "disagreements_on_unstable": int(np.sum(dis & ~stable))})
+        if pred is not first:
+            only_this, only_first = int(np.sum(~dis & (first != run0))), int(np.sum(dis & (first == run0)))
+            rows[-1]["vs_first_engine"] = {"only_this_agrees": only_this, "only_first_agrees": only_first,
+                                           "mcnemar_p": mcnemar_p(only_this, only_first)}
     pairs = [float(np.mean(labels[a] == labels[b])) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
     return {"n_cells": int(len(truth)), "seeds": seeds, "stable_cells": int(stable.sum()),
             "run_pair_agreement": {"min": min(pairs), "mean": float(np.mean(pairs)), "max": max(pairs)},
@@ -117,18 +127,19 @@ def plot(rep: dict, path: Path) -> None:
 
     rows = [r for r in rep["rows"] if r["name"] != "teacher run 0"]
     colours = {"teacher": "C7", "ceiling": "C2", "teacher_mean": "#a6d9a6", "engine": "C0"}
-    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(rows) + 1.7))
     y = np.arange(len(rows))
-    ax.barh(y, [100 * r["agreement_run0"] for r in rows], color=[colours[r["kind"]] for r in rows])
+    agree = np.array([100 * r["agreement_run0"] for r in rows])
+    ci = 100 * np.array([r["agreement_run0_ci95"] for r in rows]).T
+    ax.barh(y, agree, xerr=np.abs(ci - agree), capsize=2, error_kw={"lw": 0.8}, color=[colours[r["kind"]] for r in rows])
     for i, r in enumerate(rows):
-        ax.text(100 * r["agreement_run0"] + 0.05, i, f"{100 * r['agreement_run0']:.2f}%", va="center", fontsize=8)
+        ax.text(ci[1, i] + 0.05, i, f"{agree[i]:.2f}%", va="center", fontsize=8)
     for target, style in ((98, "--"), (99, ":")):
         ax.axvline(target, color="C3", ls=style, lw=1, label=f"issue 3 {'target' if target == 99 else 'minimum'}: {target}%")
     ax.set_yticks(y, [r["name"] for r in rows])
     ax.invert_yaxis()
-    lo = min(100 * r["agreement_run0"] for r in rows)
-    ax.set_xlim(np.floor(lo) - 0.5, 100)
-    ax.set_xlabel(f"label agreement with teacher run 0 (%), validation split, {rep['n_cells']} cells")
+    ax.set_xlim(np.floor(ci[0].min()) - 0.5, 100)
+    ax.set_xlabel(f"label agreement with teacher run 0 (%; bars: 95% Wilson interval)\nvalidation split, {rep['n_cells']} cells")
     ax.set_title("the teacher against itself, the engines against the teacher")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -175,13 +186,17 @@ def main(argv=None) -> int:
     print(f"{rep['n_cells']} validation cells; teacher runs {rep['seeds']}: pairwise label agreement "
           f"{100 * rep['run_pair_agreement']['min']:.2f}-{100 * rep['run_pair_agreement']['max']:.2f}%, "
           f"every run gives the same label to {rep['stable_cells']} cells")
-    print(f"{'':>40} {'agree run 0':>11} {'(disagree)':>10} {'accuracy':>8} {'balanced':>8} {'mean of all':>11} "
-          f"{'stable/unstable':>15}")
+    print(f"{'':>40} {'agree run 0':>11} {'95% interval':>13} {'(disagree)':>10} {'accuracy':>8} {'balanced':>8} "
+          f"{'mean of all':>11} {'stable/unstable':>15} {'vs first engine':>15}")
     for r in rep["rows"]:
         extra = (f" {100 * r['agreement_mean_all']:>10.2f}% {r['disagreements_on_stable']:>7}/{r['disagreements_on_unstable']:<7}"
                  if r["kind"] == "engine" else "")
-        print(f"{r['name']:>40} {100 * r['agreement_run0']:>10.2f}% {r['disagreements_run0']:>10} "
-              f"{100 * r['accuracy']:>7.2f}% {100 * r['balanced_accuracy']:>7.2f}%{extra}")
+        if "vs_first_engine" in r:
+            v = r["vs_first_engine"]
+            extra += f" +{v['only_this_agrees']}/-{v['only_first_agrees']} p={v['mcnemar_p']:.2f}"
+        interval = "{:.1f}-{:.1f}%".format(*(100 * x for x in r["agreement_run0_ci95"]))
+        print(f"{r['name']:>40} {100 * r['agreement_run0']:>10.2f}% {interval:>13} "
+              f"{r['disagreements_run0']:>10} {100 * r['accuracy']:>7.2f}% {100 * r['balanced_accuracy']:>7.2f}%{extra}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "agreement.json").write_text(json.dumps(rep, indent=2))

@@ -64,3 +64,23 @@ def plot_confusion(rep: dict, classes: list[str], path: str | Path, title: str =
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (default 95%) of a proportion: ``successes`` of ``n`` -> (low, high) in [0, 1]."""
+    if n <= 0:
+        raise ValueError(f"need n >= 1, got {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value for two classifiers scored on the same cells: ``only_a`` cells right for A
+    only, ``only_b`` right for B only (the cells both get right or both get wrong say nothing about which is better)."""
+    from calibration.risk import binom_cdf
+
+    n = only_a + only_b
+    return 1.0 if n == 0 else min(1.0, 2 * binom_cdf(min(only_a, only_b), n, 0.5))
+

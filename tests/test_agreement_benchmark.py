@@ -30,8 +30,30 @@ def test_report_counts_agreement_ceiling_and_where_engines_disagree():
     assert e["agreement_each_run"]["1"] == pytest.approx(4 / 6)
     assert e["accuracy"] == pytest.approx(3 / 6) and e["balanced_accuracy"] == pytest.approx(0.5)
     assert rows["teacher run 2"]["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert e["agreement_run0_ci95"][0] < 4 / 6 < e["agreement_run0_ci95"][1]
     with pytest.raises(ValueError, match="run 0"):
         mod.report({1: runs[1], 2: runs[2]}, {}, truth)
+    # a second engine is compared with the first on the same cells
+    better = np.array([0, 0, 1, 1, 2, 0])  # agrees with run 0 everywhere: +2 cells over "eng", none the other way
+    rep = mod.report(runs, {"eng": engine, "better": better}, truth)
+    v = rep["rows"][-1]["vs_first_engine"]
+    assert v["only_this_agrees"] == 2 and v["only_first_agrees"] == 0 and v["mcnemar_p"] == pytest.approx(0.5)
+    assert "vs_first_engine" not in rep["rows"][-2]
+
+
+def test_wilson_interval_and_mcnemar_match_scipy():
+    from scipy.stats import binomtest
+
+    from calibration.accuracy import mcnemar_p, wilson_interval
+
+    for k, n in ((1313, 1367), (0, 20), (20, 20), (7, 9)):
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-4)
+    for a, b in ((9, 4), (0, 5), (30, 31), (0, 0)):
+        ref = binomtest(min(a, b), a + b, 0.5).pvalue if a + b else 1.0
+        assert mcnemar_p(a, b) == pytest.approx(ref, rel=1e-9)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
 
 
 def test_agreement_benchmark_runs_the_teacher_and_a_bundle(tmp_path, tiny_bundle):
