@@ -1,9 +1,12 @@
-"""Accuracy report: accuracy, balanced accuracy, per-class recall and the confusion matrix (numpy only)."""
+"""Accuracy report: accuracy, balanced accuracy, per-class recall and the confusion matrix; a proportion's Wilson
+interval and the exact McNemar test for two classifiers on the same cells (numpy only)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from calibration.risk import binom_cdf
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
@@ -79,8 +82,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 def mcnemar_p(only_a: int, only_b: int) -> float:
     """Exact two-sided McNemar p-value for two classifiers scored on the same cells: ``only_a`` cells right for A
     only, ``only_b`` right for B only (the cells both get right or both get wrong say nothing about which is better)."""
-    from calibration.risk import binom_cdf
-
     n = only_a + only_b
     return 1.0 if n == 0 else min(1.0, 2 * binom_cdf(min(only_a, only_b), n, 0.5))
 

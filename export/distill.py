@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.calibset import stratified_sample
+from calibration.temperature import nll, softmax
 from edge.errors import InputError
 from export.diffusion_classifier import ClassifierConfig, classify_cells
 from export.engine import VIEWS, Engine, build_engine, dihedral_view, student_unet
@@ -225,8 +226,6 @@ def search(teacher: Teacher, cells: np.ndarray, teacher_label: np.ndarray, cfg: 
 def teacher_distribution(errors: np.ndarray, scale: float) -> torch.Tensor:
     """The KL stage's targets: class errors [N, K] (latent MSE, lower = better) -> float32 probabilities [N, K],
     softmax(-scale * errors). A larger scale (``target_sharpen``) moves mass to the lowest-error class."""
-    from calibration.temperature import softmax
-
     return torch.from_numpy(softmax(-scale * errors).astype(np.float32))
 
 
@@ -317,8 +316,6 @@ def _imitation_term(teacher: Teacher, student: torch.nn.Module, cells: torch.Ten
 
 def fit_scale(errors: np.ndarray, labels: np.ndarray) -> float:
     """b minimising the NLL of softmax(-b * errors) on true labels (1-D golden search on log b)."""
-    from calibration.temperature import nll
-
     cost = lambda logb: nll(-errors, labels, temperature=math.exp(-logb))  # noqa: E731
     lo, hi = -5.0, 12.0
     for _ in range(60):
