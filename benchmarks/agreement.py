@@ -102,14 +102,14 @@ def report(runs: dict[int, np.ndarray], engines: dict[str, np.ndarray], truth: n
     rows.append({"name": f"teacher, mean of all {len(seeds)} runs (run 0 in it)", "kind": "teacher_mean",
                  **scores(mean_all)})
     first = next(iter(engines.values()), None)
-    for name, pred in engines.items():
+    for i, (name, pred) in enumerate(engines.items()):
         dis = pred != run0
         rows.append({"name": name, "kind": "engine", **scores(pred),
                      "agreement_each_run": {str(s): float(np.mean(pred == labels[s])) for s in seeds},
                      "agreement_mean_all": float(np.mean(pred == mean_all)),
                      "disagreements_on_stable": int(np.sum(dis & stable)),
                      "disagreements_on_unstable": int(np.sum(dis & ~stable))})
-        if pred is not first:
+        if i:  # every engine after the first, against the first
             only_this, only_first = int(np.sum(~dis & (first != run0))), int(np.sum(dis & (first == run0)))
             rows[-1]["vs_first_engine"] = {"only_this_agrees": only_this, "only_first_agrees": only_first,
                                            "mcnemar_p": mcnemar_p(only_this, only_first)}
